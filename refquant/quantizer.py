@@ -1,0 +1,243 @@
+"""The uniform affine weight quantizer of the GPTQ code lineage, and the quantized-weight object.
+
+This is the one place where a weight value becomes an integer code. RTN, GPTQ, AWQ's final RTN and
+every later method call :func:`find_params`, :func:`quantize` and :func:`dequantize` from here.
+
+Faithful to ``Quantizer`` in IST-DASLab/gptq ``quant.py`` (the code behind the GPTQ paper,
+Frantar et al. 2023, eq. (1) with per-row scale/zero):
+
+* the range is forced to contain 0: ``xmin = min(min x, 0)``, ``xmax = max(max x, 0)``;
+* asymmetric: ``scale = (xmax - xmin) / maxq``, ``zero = round(-xmin / scale)`` kept as a float;
+* "symmetric": ``xmax = max(|xmin|, xmax)``, ``xmin = -xmax`` where ``xmin < 0``, and the fixed
+  ``zero = (maxq + 1) / 2`` -- at 4 bits the grid is ``[-8, +7] * scale`` with
+  ``scale = 2 * absmax / 15``, so ``+absmax`` is clipped to ``7/7.5 * absmax`` (not ``[-7, 7]``);
+* an all-zero row uses the range ``[-1, 1]``;
+* optional MSE shrink search (``mse=True``): ranges ``p * [xmin, xmax]`` for
+  ``p = 1, 0.99, ..., 1 - (int(maxshrink * grid) - 1) / grid``, error ``sum |Q(x) - x|^norm``,
+  strict improvement only (no expansion beyond min/max);
+* ``Q(x) = scale * (clamp(round(x / scale) + zero, 0, maxq) - zero)``, round half to even.
+
+Groups run along the input dimension in consecutive runs of ``group_size`` columns starting at
+column 0; when ``group_size`` does not divide ``in_features``, the last group holds the remaining
+``in_features % group_size`` columns (exactly what the original's slice ``W[:, j:j+gs]`` gives).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._checks import check_matrix
+from ._xp import namespace
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize a weight matrix.
+
+    Args:
+        bits: bits per weight, 1..8 (``maxq = 2**bits - 1``).
+        group_size: columns per group along in_features; ``None`` means one group per output
+            channel (per-row scale/zero, the GPTQ ``--groupsize -1``).
+        sym: the original's "symmetric" mode (zero fixed at ``(maxq + 1) / 2``).
+        per_tensor: one scale/zero for the whole matrix (GPTQ's ``perchannel=False``).
+        mse: MSE shrink search of the range (GPTQ ``Quantizer(mse=True)``).
+        norm, grid, maxshrink: parameters of that search (original defaults 2.4, 100, 0.8).
+    """
+
+    bits: int
+    group_size: int | None = None
+    sym: bool = False
+    per_tensor: bool = False
+    mse: bool = False
+    norm: float = 2.4
+    grid: int = 100
+    maxshrink: float = 0.8
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)):
+            raise ValueError(f"bits must be an integer in 1..8; got {self.bits!r}.")
+        if not 1 <= int(self.bits) <= 8:
+            raise ValueError(
+                f"bits={self.bits} is outside 1..8, the range of the uniform quantizer. "
+                "Use 16 (no quantization) at the CLI level, not here."
+            )
+        if self.group_size is not None:
+            if isinstance(self.group_size, bool) or int(self.group_size) != self.group_size or self.group_size < 1:
+                raise ValueError(
+                    f"group_size must be a positive integer or None (per output channel); got {self.group_size!r}. "
+                    "The original's -1 is spelled None here."
+                )
+            if self.per_tensor:
+                raise ValueError("per_tensor=True and group_size are exclusive: choose one granularity.")
+        if self.mse and (self.grid < 1 or not 0 < self.maxshrink <= 1 or self.norm <= 0):
+            raise ValueError(
+                f"MSE search needs grid >= 1, 0 < maxshrink <= 1 and norm > 0; got grid={self.grid}, "
+                f"maxshrink={self.maxshrink}, norm={self.norm}."
+            )
+
+    @property
+    def maxq(self) -> int:
+        """Largest integer code, ``2**bits - 1``."""
+        return 2 ** int(self.bits) - 1
+
+
+def find_params(x, spec: QuantSpec):
+    """Per-row ``(scale, zero)`` of the GPTQ quantizer for ``x`` of shape (rows, cols).
+
+    Reproduces ``Quantizer.find_params(x, weight=True)``: per row unless ``spec.per_tensor``, in
+    which case one pair is computed over all of ``x`` and repeated for every row. Returns two
+    float arrays of shape (rows,).
+    """
+    xp = namespace(x)
+    maxq = spec.maxq
+    rows = x.shape[0]
+    flat = x.reshape(1, -1) if spec.per_tensor else x
+
+    zeros = xp.zeros(flat.shape[0], dtype=flat.dtype)
+    xmin = xp.minimum(flat.min(axis=1), zeros)
+    xmax = xp.maximum(flat.max(axis=1), zeros)
+    if spec.sym:
+        xmax = xp.maximum(xp.abs(xmin), xmax)
+        xmin = xp.where(xmin < 0, -xmax, xmin)
+    dead = (xmin == 0) & (xmax == 0)
+    xmin = xp.where(dead, -1.0, xmin)
+    xmax = xp.where(dead, 1.0, xmax)
+
+    scale = (xmax - xmin) / maxq
+    if spec.sym:
+        zero = xp.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = xp.round(-xmin / scale)
+
+    if spec.mse:
+        best = xp.full(flat.shape[0], xp.inf, dtype=flat.dtype)
+        for i in range(int(spec.maxshrink * spec.grid)):
+            p = 1 - i / spec.grid
+            xmin1, xmax1 = p * xmin, p * xmax
+            scale1 = (xmax1 - xmin1) / maxq
+            zero1 = zero if spec.sym else xp.round(-xmin1 / scale1)
+            q = fake_quantize(flat, scale1[:, None], zero1[:, None], maxq)
+            err = (xp.abs(q - flat) ** spec.norm).sum(axis=1)
+            better = err < best
+            best = xp.where(better, err, best)
+            scale = xp.where(better, scale1, scale)
+            zero = xp.where(better, zero1, zero)
+
+    if spec.per_tensor:
+        scale = xp.repeat(scale, rows)
+        zero = xp.repeat(zero, rows)
+    return scale, zero
+
+
+def quantize(x, scale, zero, maxq: int):
+    """Integer codes ``clamp(round(x / scale) + zero, 0, maxq)`` (as floats, exact integers)."""
+    xp = namespace(x)
+    return xp.clip(xp.round(x / scale) + zero, 0, maxq)
+
+
+def dequantize(q, scale, zero):
+    """Grid values ``scale * (q - zero)`` of integer codes ``q``."""
+    return scale * (q - zero)
+
+
+def fake_quantize(x, scale, zero, maxq: int):
+    """``dequantize(quantize(x))``: the value GPTQ's ``quantize()`` returns."""
+    return dequantize(quantize(x, scale, zero, maxq), scale, zero)
+
+
+def group_index(in_features: int, group_size: int | None, xp=np):
+    """Group of every input column for consecutive groups of ``group_size`` (last one partial)."""
+    cols = xp.arange(in_features)
+    if group_size is None:
+        return xp.zeros(in_features, dtype=xp.int64)
+    return (cols // group_size).astype(xp.int64)
+
+
+def group_slices(in_features: int, group_size: int | None) -> list[slice]:
+    """Column slices of the groups, in order; the last one holds the remainder."""
+    if group_size is None:
+        return [slice(0, in_features)]
+    return [slice(g, min(g + group_size, in_features)) for g in range(0, in_features, group_size)]
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """A quantized weight matrix: integer codes plus a scale and zero per (row, group).
+
+    ``W_hat[r, j] = scale[r, g_idx[j]] * (codes[r, j] - zero[r, g_idx[j]])``.
+
+    Attributes:
+        codes: integer codes in ``[0, maxq]``, shape (out_features, in_features), original
+            column order.
+        scale, zero: shape (out_features, n_groups).
+        g_idx: group of every input column, shape (in_features,). Consecutive groups give
+            ``j // group_size``; GPTQ with act-order and dynamic groups gives the permuted layout.
+        spec: the :class:`QuantSpec` used.
+        info: method diagnostics (e.g. GPTQ's proxy loss and the damping it used).
+    """
+
+    codes: object
+    scale: object
+    zero: object
+    g_idx: object
+    spec: QuantSpec
+    info: dict = field(default_factory=dict)
+
+    def dequantize(self):
+        """The quantized weight as floats, ``scale * (codes - zero)`` per group."""
+        return dequantize(self.codes.astype(self.scale.dtype), self.scale[:, self.g_idx], self.zero[:, self.g_idx])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.scale.shape[1])
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage cost per weight with 16-bit scales and zeros (see :meth:`storage_bits`)."""
+        return self.storage_bits(scale_bits=16, zero_bits=16)
+
+    def storage_bits(self, scale_bits: int = 16, zero_bits: int = 16) -> float:
+        """Storage cost per weight, overheads included.
+
+        ``bits`` for the code, plus ``scale_bits`` (and ``zero_bits`` for asymmetric specs: the
+        symmetric zero ``(maxq + 1) / 2`` is a constant, not stored) per stored (row, group) pair
+        -- one pair in all for per-tensor -- plus ``ceil(log2 n_groups)`` bits per input column when
+        the column-to-group map is not the trivial ``j // group_size`` (GPTQ act-order with
+        dynamic groups).
+        """
+        out_f, in_f = self.shape
+        pairs = 1 if self.spec.per_tensor else out_f * self.n_groups
+        per_pair = scale_bits + (0 if self.spec.sym else zero_bits)
+        overhead = pairs * per_pair
+        trivial = np.array_equal(
+            np.asarray(_host(self.g_idx)), group_index(in_f, self.spec.group_size)
+        )
+        if not trivial:
+            overhead += in_f * max(1, math.ceil(math.log2(self.n_groups)))
+        return int(self.spec.bits) + overhead / (out_f * in_f)
+
+    @property
+    def bits(self) -> int:
+        return int(self.spec.bits)
+
+
+def _host(a):
+    return a.get() if type(a).__module__.startswith("cupy") else a
+
+
+def code_dtype(xp=np):
+    """Integer dtype of stored codes (all supported widths fit in 8 bits)."""
+    return xp.uint8
+
+
+def check_weight(W, spec: QuantSpec, name: str = "W"):
+    """Validate a weight matrix against a spec (2-D, finite, non-empty)."""
+    if not isinstance(spec, QuantSpec):
+        raise ValueError(f"spec must be a refquant.QuantSpec; got {type(spec).__name__}.")
+    check_matrix(W, name)
