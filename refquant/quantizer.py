@@ -17,6 +17,18 @@ Frantar et al. 2023, eq. (1) with per-row scale/zero):
   strict improvement only (no expansion beyond min/max);
 * ``Q(x) = scale * (clamp(round(x / scale) + zero, 0, maxq) - zero)``, round half to even.
 
+Two further range rules of the same uniform grid live here too, so that every method shares one
+quantizer (``QuantSpec.rule``):
+
+* ``"awq"`` -- ``pseudo_quantize_tensor`` of mit-han-lab/llm-awq: raw group min/max (the range is
+  *not* forced to contain 0), ``scale = max(xmax - xmin, 1e-5) / maxq``,
+  ``zero = clamp(-round(xmin / scale), 0, maxq)``; asymmetric only (the original's symmetric
+  branch does not run);
+* ``"absmax"`` -- SmoothQuant's ``fake_quant.py``: symmetric, no zero point,
+  ``scale = max(absmax, 1e-5) / qmax`` with ``qmax = 2**(bits-1) - 1``, ``W_hat = round(W / scale)
+  * scale``. Expressed on the shared grid as codes in ``[0, 2 qmax]`` with ``zero = qmax``
+  (the clamp is never active because ``|W / scale| <= qmax``).
+
 Groups run along the input dimension in consecutive runs of ``group_size`` columns starting at
 column 0; when ``group_size`` does not divide ``in_features``, the last group holds the remaining
 ``in_features % group_size`` columns (exactly what the original's slice ``W[:, j:j+gs]`` gives).
@@ -44,6 +56,7 @@ class QuantSpec:
         per_tensor: one scale/zero for the whole matrix (GPTQ's ``perchannel=False``).
         mse: MSE shrink search of the range (GPTQ ``Quantizer(mse=True)``).
         norm, grid, maxshrink: parameters of that search (original defaults 2.4, 100, 0.8).
+        rule: range rule -- ``"gptq"`` (default), ``"awq"`` or ``"absmax"`` (see module doc).
     """
 
     bits: int
@@ -54,6 +67,7 @@ class QuantSpec:
     norm: float = 2.4
     grid: int = 100
     maxshrink: float = 0.8
+    rule: str = "gptq"
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)):
@@ -71,6 +85,14 @@ class QuantSpec:
                 )
             if self.per_tensor:
                 raise ValueError("per_tensor=True and group_size are exclusive: choose one granularity.")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}; got {self.rule!r}.")
+        if self.rule == "awq" and self.sym:
+            raise ValueError("rule='awq' is asymmetric only (llm-awq's symmetric branch does not run); use sym=False.")
+        if self.rule == "absmax" and int(self.bits) < 2:
+            raise ValueError("rule='absmax' needs bits >= 2 (qmax = 2**(bits-1) - 1 must be positive).")
+        if self.mse and self.rule != "gptq":
+            raise ValueError("the MSE range search belongs to the GPTQ quantizer; use rule='gptq' with mse=True.")
         if self.mse and (self.grid < 1 or not 0 < self.maxshrink <= 1 or self.norm <= 0):
             raise ValueError(
                 f"MSE search needs grid >= 1, 0 < maxshrink <= 1 and norm > 0; got grid={self.grid}, "
@@ -79,8 +101,11 @@ class QuantSpec:
 
     @property
     def maxq(self) -> int:
-        """Largest integer code, ``2**bits - 1``."""
-        return 2 ** int(self.bits) - 1
+        """Largest integer code: ``2**bits - 1`` (``2**bits - 2`` for the absmax rule's [-qmax, qmax])."""
+        return 2 ** int(self.bits) - (2 if self.rule == "absmax" else 1)
+
+
+RULES = ("gptq", "awq", "absmax")
 
 
 def find_params(x, spec: QuantSpec):
@@ -94,7 +119,21 @@ def find_params(x, spec: QuantSpec):
     maxq = spec.maxq
     rows = x.shape[0]
     flat = x.reshape(1, -1) if spec.per_tensor else x
+    if spec.rule == "awq":
+        scale, zero = _params_awq(flat, maxq, xp)
+    elif spec.rule == "absmax":
+        scale, zero = _params_absmax(flat, int(spec.bits), xp)
+    else:
+        scale, zero = _params_gptq(flat, spec, xp)
+    if spec.per_tensor:
+        scale = xp.repeat(scale, rows)
+        zero = xp.repeat(zero, rows)
+    return scale, zero
 
+
+def _params_gptq(flat, spec: QuantSpec, xp):
+    """IST-DASLab/gptq ``Quantizer.find_params``: range containing 0, optional MSE shrink."""
+    maxq = spec.maxq
     zeros = xp.zeros(flat.shape[0], dtype=flat.dtype)
     xmin = xp.minimum(flat.min(axis=1), zeros)
     xmax = xp.maximum(flat.max(axis=1), zeros)
@@ -124,11 +163,22 @@ def find_params(x, spec: QuantSpec):
             best = xp.where(better, err, best)
             scale = xp.where(better, scale1, scale)
             zero = xp.where(better, zero1, zero)
-
-    if spec.per_tensor:
-        scale = xp.repeat(scale, rows)
-        zero = xp.repeat(zero, rows)
     return scale, zero
+
+
+def _params_awq(flat, maxq: int, xp):
+    """llm-awq ``pseudo_quantize_tensor`` (zero_point=True): raw min/max, clamped zero."""
+    xmax, xmin = flat.max(axis=1), flat.min(axis=1)
+    scale = xp.maximum(xmax - xmin, 1e-5) / maxq
+    zero = xp.clip(-xp.round(xmin / scale), 0, maxq)
+    return scale, zero
+
+
+def _params_absmax(flat, bits: int, xp):
+    """SmoothQuant ``quantize_weight_per_channel_absmax``: ``scale = max(absmax, 1e-5) / qmax``."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = xp.maximum(xp.abs(flat).max(axis=1), 1e-5) / qmax
+    return scale, xp.full_like(scale, float(qmax))
 
 
 def quantize(x, scale, zero, maxq: int):
@@ -187,7 +237,8 @@ class QuantizedWeight:
 
     def dequantize(self):
         """The quantized weight as floats, ``scale * (codes - zero)`` per group."""
-        return dequantize(self.codes.astype(self.scale.dtype), self.scale[:, self.g_idx], self.zero[:, self.g_idx])
+        codes = _as_float(self.codes, self.scale)
+        return dequantize(codes, self.scale[:, self.g_idx], self.zero[:, self.g_idx])
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -213,7 +264,8 @@ class QuantizedWeight:
         """
         out_f, in_f = self.shape
         pairs = 1 if self.spec.per_tensor else out_f * self.n_groups
-        per_pair = scale_bits + (0 if self.spec.sym else zero_bits)
+        const_zero = self.spec.sym or self.spec.rule == "absmax"
+        per_pair = scale_bits + (0 if const_zero else zero_bits)
         overhead = pairs * per_pair
         trivial = np.array_equal(
             np.asarray(_host(self.g_idx)), group_index(in_f, self.spec.group_size)
@@ -228,7 +280,20 @@ class QuantizedWeight:
 
 
 def _host(a):
-    return a.get() if type(a).__module__.startswith("cupy") else a
+    """A NumPy view/copy of a NumPy, CuPy or torch array."""
+    mod = type(a).__module__
+    if mod.startswith("cupy"):
+        return a.get()
+    if mod.startswith("torch"):
+        return a.detach().cpu().numpy()
+    return a
+
+
+def _as_float(codes, like):
+    """Integer codes converted to ``like``'s float dtype (NumPy/CuPy ``astype``, torch ``to``)."""
+    if type(codes).__module__.startswith("torch"):
+        return codes.to(like.dtype)
+    return codes.astype(like.dtype)
 
 
 def code_dtype(xp=np):
