@@ -4,9 +4,10 @@ Xiao, Lin, Seznec, Wu, Demouth, Han, "SmoothQuant: Accurate and Efficient Post-T
 Quantization for Large Language Models", ICML 2023. Faithful to mit-han-lab/smoothquant
 (``smooth.py``, ``calibration.py``, ``fake_quant.py``):
 
-* Sec. 4, eq. (3)-(4): ``Y = (X diag(s)^-1) (diag(s) W)`` (:mod:`refquant.equalize`) with
+* Sec. 4, the smoothing identity ``Y = (X diag(s)^-1) (diag(s) W)`` (:mod:`refquant.equalize`)
+  with the "migration strength" formula
 
-      s_j = max(|X_j|)^alpha / max(|W_j|)^(1 - alpha)                                  (eq. (4))
+      s_j = max(|X_j|)^alpha / max(|W_j|)^(1 - alpha)
 
   ``max|X_j|`` the per-channel absmax over all calibration tokens (``get_act_scales``) and
   ``max|W_j|`` over all rows of all linears that read the input (``smooth_ln_fcs*``), clamped
@@ -74,7 +75,7 @@ def weight_absmax(Ws: Sequence):
 
 
 def smooth_scales(x_absmax, Ws: Sequence, alpha: float):
-    """Smoothing factors ``s`` of eq. (4) for the linears ``Ws`` that share one input.
+    """Smoothing factors ``s`` (Sec. 4, migration strength ``alpha``) for the linears ``Ws`` sharing one input.
 
     Args:
         x_absmax: per-channel calibration absmax ``max|X_j|`` (in_features,), e.g. from

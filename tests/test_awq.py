@@ -151,6 +151,25 @@ def test_clip_error_threshold_1e9_quirk():
     np.testing.assert_array_equal(res.max_val[:, 0], np.abs(W).max(axis=1))  # ... but none is kept
 
 
+def test_clip_ties_keep_the_first_candidate():
+    """A group whose input channels are all zero has error 0 for every candidate: strict `<` keeps no clip."""
+    X, Ws = problem(4, tokens=20, n=16, outs=(4,))
+    X[:, 8:] = 0.0
+    spec = QuantSpec(bits=3, group_size=8, rule="awq")
+    res = search_clip(X, Ws[0], spec)
+    assert np.all(res.losses[:, :, 1] == 0.0)
+    np.testing.assert_array_equal(res.max_val[:, 1], np.abs(Ws[0][:, 8:]).max(axis=1))
+
+
+def test_scale_search_ties_keep_the_first_ratio():
+    """All-zero inputs: every ratio has loss 0, the first (ratio 0, s = 1) is kept."""
+    X = np.zeros((6, 8))
+    Ws = [np.random.default_rng(0).normal(size=(4, 8))]
+    res = search_scale(X, Ws, QuantSpec(bits=3, group_size=4, rule="awq"), n_grid=4)
+    assert res.best_ratio == 0.0 and np.all(res.losses == 0.0)
+    np.testing.assert_array_equal(res.scales, np.ones(8))
+
+
 def test_apply_clip():
     W = np.array([[1.0, -3.0, 2.0, -0.5]])
     out = apply_clip(W, np.array([[2.0, 0.25]]), 2)

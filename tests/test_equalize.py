@@ -1,4 +1,4 @@
-"""Per-channel equalization identity (AWEQ eq. (3), SmoothQuant eq. (3), AWQ's W S / S^-1 X)."""
+"""Per-channel equalization identity (AWEQ eq. (3), SmoothQuant Sec. 4, AWQ eq. (4): W S and S^-1 X)."""
 import numpy as np
 import pytest
 from hypothesis import given, settings

@@ -1,4 +1,4 @@
-"""SmoothQuant smoothing factors (eq. (4)), calibration statistic and W8A8 fake quantization."""
+"""SmoothQuant smoothing factors (Sec. 4, migration strength), calibration statistic and W8A8 fake quantization."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
