@@ -13,12 +13,10 @@ from strategies import (
     WEIGHT_KINDS,
     fast,
     gptq_problems,
-    hessians,
     integer_pd_hessian,
     make_hessian,
     make_weight,
     quant_specs,
-    seeds,
     weights,
     well_conditioned_x,
 )
