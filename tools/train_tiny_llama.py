@@ -215,18 +215,16 @@ def evaluate(model, val: dict, seq_len: int, batch_size: int, device, max_window
 
 
 def versions() -> dict:
-    import tokenizers
+    import importlib
+
     import torch
-    import transformers
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "tokenizers": tokenizers.__version__, "numpy": np.__version__}
-    try:
-        import safetensors
-
-        out["safetensors"] = safetensors.__version__
-    except ImportError:  # pragma: no cover
-        pass
+    out = {"python": platform.python_version(), "numpy": np.__version__}
+    for mod in ("torch", "transformers", "tokenizers", "safetensors"):
+        try:
+            out[mod] = importlib.import_module(mod).__version__
+        except (ImportError, AttributeError):  # pragma: no cover - recorded as missing, never fatal
+            out[mod] = None
     if torch.cuda.is_available():
         out["cuda"] = torch.version.cuda
     return out
