@@ -1,0 +1,666 @@
+"""The "torch" backend: the reference's algorithms in float32 torch, fast on CUDA (H200), exact on CPU.
+
+* Quantizer: the three range rules of :mod:`refquant.quantizer` (gptq / awq / absmax, MSE search,
+  per-tensor), written once here for torch tensors (reducing over the last dim, so that all groups
+  of a matrix are one call).
+* RTN: :func:`refquant.rtn` in fp32.
+* Hessian: streaming ``H = 2/n_sequences * sum x x^T`` in fp32 (bf16/fp16 inputs: bf16 GEMM with
+  fp32 output on CUDA when torch has ``out_dtype``, else upcast per chunk).
+* GPTQ: :func:`refquant.gptq` step for step (dead columns, relative damping, stable act-order
+  permutation, static groups, group params from W rather than the block buffer, per-channel params
+  from the full rows before dead zeroing, the same escalation and error type), with:
+  ``U = P inv(chol(P H P)) P`` (one Cholesky + one triangular inverse), all group params that start
+  in a block computed at the block start, the intra-block loop as one Triton launch per block
+  (:mod:`backends.gptq_kernels`; plain torch ops on CPU), and the lazy update as an fp32 matmul.
+
+fp32 matmuls run with TF32/bf16 internal precision off (:func:`ieee_fp32`, which only touches the
+flags when they are not already IEEE and restores them exactly). See ``docs/backends.md``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+try:
+    import torch
+except ImportError as e:  # pragma: no cover - depends on the machine
+    from . import BackendUnavailable
+
+    raise BackendUnavailable(
+        "the 'torch' backend needs PyTorch: pip install torch (CPU wheel: pip install 'refquant[torch]')."
+    ) from e
+
+from refquant.gptq import HessianNotPositiveDefinite
+from refquant.quantizer import QuantizedWeight, QuantSpec
+
+from . import Backend, gptq_kernels
+from .numpy_backend import check_shared
+
+log = logging.getLogger("refquant")
+
+__all__ = [
+    "TorchBackend",
+    "TorchHessianAccumulator",
+    "find_params",
+    "group_params",
+    "quantize",
+    "dequantize",
+    "upper_cholesky_of_inverse",
+    "ieee_fp32",
+    "benchmark_gptq",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Input validation (the torch twin of refquant._checks: same conditions, same messages)
+# --------------------------------------------------------------------------------------------
+
+def _as_tensor(x, name: str):
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    if type(x).__module__.startswith("cupy"):
+        return torch.from_dlpack(x)
+    raise ValueError(f"{name} must be a torch tensor (or a NumPy/CuPy array); got {type(x).__name__}.")
+
+
+def _check_finite(x, name: str) -> None:
+    if not x.is_floating_point():
+        return
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        n_bad = int(bad.sum())
+        first = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(
+            f"{name} contains {n_bad} non-finite value(s) (NaN or Inf), first at index {first}. "
+            "Check the model weights / calibration activations (fp16 overflow is a common cause)."
+        )
+
+
+def _check_matrix(W, name: str = "W") -> None:
+    if W.ndim != 2:
+        raise ValueError(
+            f"{name} must be a 2-D array (out_features, in_features); got shape {tuple(W.shape)}. "
+            "Pass a linear layer's weight matrix, e.g. layer.weight."
+        )
+    if W.shape[0] == 0 or W.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(W.shape)}); nothing to quantize.")
+    _check_finite(W, name)
+
+
+def _check_spec(spec) -> None:
+    if not isinstance(spec, QuantSpec):
+        raise ValueError(f"spec must be a refquant.QuantSpec; got {type(spec).__name__}.")
+
+
+def _check_square(H, n: int, name: str = "H") -> None:
+    if H.ndim != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"{name} must be a square 2-D array; got shape {tuple(H.shape)}.")
+    if H.shape[0] != n:
+        raise ValueError(
+            f"{name} is {H.shape[0]}x{H.shape[1]} but the weight has in_features={n}; "
+            "the Hessian must be accumulated from this layer's inputs."
+        )
+    _check_finite(H, name)
+
+
+def _weight_fp32(W, name: str = "W", device=None):
+    """Validated float32 copy of a weight (never aliases the caller's tensor)."""
+    W = _as_tensor(W, name)
+    _check_matrix(W, name)
+    if not W.is_floating_point():
+        W = W.double()
+    return W.to(device=device if device is not None else W.device, dtype=torch.float32, copy=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Matmul precision guard
+# --------------------------------------------------------------------------------------------
+
+def _read(fn):
+    try:
+        return fn()
+    except (RuntimeError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def ieee_fp32():
+    """Full-precision float32 matmuls (no TF32 / bf16 internals) inside the block.
+
+    In the default state (no one asked for TF32) nothing is touched. Otherwise the flags are set to
+    IEEE and, on exit, restored to exactly what they were: the legacy setting
+    (``torch.set_float32_matmul_precision`` / ``allow_tf32``) and the per-backend
+    ``fp32_precision`` values of cuBLAS and oneDNN. Like every torch precision flag this is process
+    global while the block runs (do not run other fp32 matmuls concurrently in other threads).
+    """
+    cm = torch.backends.cuda.matmul
+    mk = getattr(torch.backends.mkldnn, "matmul", None)
+    legacy = _read(torch.get_float32_matmul_precision)  # None: torch reports a mixed legacy/new state
+    cuda_new = _read(lambda: cm.fp32_precision)
+    mk_new = _read(lambda: mk.fp32_precision) if mk is not None else None
+    needed = legacy != "highest" or cuda_new == "tf32" or mk_new in ("tf32", "bf16")
+    if not needed:
+        yield
+        return
+    if legacy is not None:
+        torch.set_float32_matmul_precision("highest")  # legacy flag + cuBLAS/oneDNN matmul -> ieee
+
+        def undo():
+            torch.set_float32_matmul_precision(legacy)
+            if cuda_new is not None:
+                cm.fp32_precision = cuda_new
+            if mk_new is not None:
+                mk.fp32_precision = mk_new
+    else:  # mixed state: only the new-API values are readable; change and restore those
+        if cuda_new is not None:
+            cm.fp32_precision = "ieee"
+        if mk_new is not None and mk_new in ("tf32", "bf16"):
+            mk.fp32_precision = "ieee"
+
+        def undo():
+            if cuda_new is not None:
+                cm.fp32_precision = cuda_new
+            if mk_new is not None and mk_new in ("tf32", "bf16"):
+                mk.fp32_precision = mk_new
+    try:
+        yield
+    finally:
+        undo()
+
+
+# --------------------------------------------------------------------------------------------
+# The shared quantizer, torch version (reduces over the last dim)
+# --------------------------------------------------------------------------------------------
+
+def find_params(x, spec: QuantSpec):
+    """``(scale, zero)`` of :func:`refquant.quantizer.find_params` for ``x`` of shape (..., n), as float32.
+
+    Reduces over the last dim (so ``x`` may be (rows, n) or (rows, n_groups, group_size)); with
+    ``spec.per_tensor`` one pair over all of ``x`` (2-D only), repeated per row.
+
+    The parameters (a few numbers per row/group) are computed in float64 from the exact min/max and
+    then stored as float32: ``zero`` is then exactly the reference's and ``scale`` is the reference's
+    rounded once to float32. In float32 arithmetic ``-xmin / scale`` lands on either side of exact
+    ties -- e.g. every all-zero row or group (range [-1, 1]) has ``zero = round(maxq / 2)``, which
+    float64 rounds to ``(maxq + 1) / 2`` and float32 to ``(maxq - 1) / 2``. Per-weight math
+    (quantize, GPTQ updates) stays float32. The MSE search, which quantizes every weight per
+    candidate, runs in float64 as well.
+    """
+    maxq = spec.maxq
+    if spec.per_tensor:
+        if x.ndim != 2:
+            raise ValueError("per_tensor parameters need a 2-D matrix.")
+        s, z = find_params(x.reshape(1, -1), QuantSpec(**{**spec.__dict__, "per_tensor": False}))
+        return s.expand(x.shape[0]).clone(), z.expand(x.shape[0]).clone()
+    if spec.rule == "awq":
+        scale, zero = _params_awq(x, maxq)
+    elif spec.rule == "absmax":
+        scale, zero = _params_absmax(x, int(spec.bits))
+    else:
+        scale, zero = _params_gptq(x, spec)
+    return scale.float(), zero.float()
+
+
+def _params_gptq(x, spec: QuantSpec):
+    maxq = spec.maxq
+    xmin = torch.clamp(x.amin(dim=-1).double(), max=0)
+    xmax = torch.clamp(x.amax(dim=-1).double(), min=0)
+    if spec.sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    dead = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(dead, -1.0, xmin)
+    xmax = torch.where(dead, 1.0, xmax)
+    scale = (xmax - xmin) / maxq
+    if spec.sym:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale)
+    if spec.mse:
+        x = x.double()
+        best = torch.full_like(scale, math.inf)
+        for i in range(int(spec.maxshrink * spec.grid)):
+            p = 1 - i / spec.grid
+            xmin1, xmax1 = p * xmin, p * xmax
+            scale1 = (xmax1 - xmin1) / maxq
+            zero1 = zero if spec.sym else torch.round(-xmin1 / scale1)
+            q = dequantize(quantize(x, scale1[..., None], zero1[..., None], maxq), scale1[..., None], zero1[..., None])
+            err = ((q - x).abs() ** spec.norm).sum(dim=-1)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale = torch.where(better, scale1, scale)
+            zero = torch.where(better, zero1, zero)
+    return scale, zero
+
+
+def _params_awq(x, maxq: int):
+    xmax, xmin = x.amax(dim=-1).double(), x.amin(dim=-1).double()
+    scale = torch.clamp(xmax - xmin, min=1e-5) / maxq
+    zero = torch.clamp(-torch.round(xmin / scale), 0, maxq)
+    return scale, zero
+
+
+def _params_absmax(x, bits: int):
+    qmax = 2 ** (bits - 1) - 1
+    scale = torch.clamp(x.abs().amax(dim=-1).double(), min=1e-5) / qmax
+    return scale, torch.full_like(scale, float(qmax))
+
+
+def quantize(x, scale, zero, maxq: int):
+    """Integer codes ``clamp(round(x / scale) + zero, 0, maxq)`` as floats (round half to even)."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+
+
+def dequantize(q, scale, zero):
+    """``scale * (q - zero)``."""
+    return scale * (q - zero)
+
+
+def group_params(W, spec: QuantSpec, group_size: int):
+    """Params of consecutive column groups of ``W`` (rows, n): (rows, ceil(n / group_size)) each.
+
+    The last group holds the ``n % group_size`` remaining columns, as in the reference.
+    """
+    rows, n = W.shape
+    full = n // group_size
+    parts_s, parts_z = [], []
+    if full:
+        s, z = find_params(W[:, : full * group_size].reshape(rows, full, group_size), spec)
+        parts_s.append(s)
+        parts_z.append(z)
+    if n % group_size:
+        s, z = find_params(W[:, full * group_size:], spec)
+        parts_s.append(s[:, None])
+        parts_z.append(z[:, None])
+    if len(parts_s) == 1:
+        return parts_s[0], parts_z[0]
+    return torch.cat(parts_s, dim=1), torch.cat(parts_z, dim=1)
+
+
+def _quantize_by_groups(W, S, Z, group_size: int | None, maxq: int):
+    """Codes of W (rows, n) with per-(row, group) params, consecutive groups (no (rows, n) gathers)."""
+    rows, n = W.shape
+    if group_size is None:
+        return quantize(W, S[:, :1], Z[:, :1], maxq)
+    out = torch.empty_like(W)
+    full = n // group_size
+    if full:
+        Wg = W[:, : full * group_size].reshape(rows, full, group_size)
+        out[:, : full * group_size] = quantize(Wg, S[:, :full, None], Z[:, :full, None], maxq).reshape(rows, -1)
+    if n % group_size:
+        out[:, full * group_size:] = quantize(W[:, full * group_size:], S[:, full:], Z[:, full:], maxq)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Hessian
+# --------------------------------------------------------------------------------------------
+
+_OUT_DTYPE_OK: dict = {}
+
+
+def _addmm_lowp(H, X, beta: float, alpha: float):
+    """``beta * H + alpha * X^T X`` with fp32 output for bf16/fp16 X on CUDA, or None if unsupported."""
+    key = (X.device, X.dtype)
+    if _OUT_DTYPE_OK.get(key) is False:
+        return None
+    try:
+        out = torch.addmm(H, X.t(), X, beta=beta, alpha=alpha, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        _OUT_DTYPE_OK[key] = False
+        return None
+    if out.dtype != torch.float32:
+        _OUT_DTYPE_OK[key] = False
+        return None
+    _OUT_DTYPE_OK[key] = True
+    return out
+
+
+class TorchHessianAccumulator:
+    """Streaming GPTQ Hessian in float32: ``H = 2 / n_sequences * sum over tokens of x x^T``.
+
+    The reference's running mean (:class:`refquant.HessianAccumulator`): for a batch of ``b``
+    sequences, ``H <- H * n / (n + b) + 2 / (n + b) * X^T X``. ``X`` is (batch, tokens, in_features)
+    or (tokens, in_features) (= one sequence), any float dtype, moved to the accumulator's device.
+    fp32 inputs: one fp32 GEMM (TF32 off). bf16/fp16 on CUDA: a bf16/fp16 GEMM with fp32 output
+    (products exact, fp32 accumulation); otherwise upcast to fp32 per chunk of tokens.
+    """
+
+    chunk_bytes = 256 * 2**20  # fp32 bytes per upcast chunk
+
+    def __init__(self, in_features: int, device=None):
+        if int(in_features) < 1:
+            raise ValueError(f"in_features must be >= 1; got {in_features}.")
+        self.in_features = int(in_features)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.H = torch.zeros((self.in_features, self.in_features), dtype=torch.float32, device=self.device)
+        self.nsamples = 0
+
+    def add_batch(self, X) -> None:
+        X = _as_tensor(X, "calibration input X") if not isinstance(X, torch.Tensor) else X.detach()
+        if X.ndim < 2:
+            raise ValueError(
+                f"calibration input must be (batch, tokens, in_features) or (tokens, in_features); "
+                f"got shape {tuple(X.shape)}."
+            )
+        if X.shape[-1] != self.in_features:
+            raise ValueError(
+                f"calibration input has {X.shape[-1]} features but this Hessian is for in_features="
+                f"{self.in_features}; hook the input of the same linear layer."
+            )
+        if X.numel() == 0:
+            raise ValueError(f"calibration input is empty (shape {tuple(X.shape)}).")
+        batch = 1 if X.ndim == 2 else int(X.shape[0])
+        X = X.to(self.device).reshape(-1, self.in_features)
+        if not X.is_floating_point():
+            X = X.double()
+        _check_finite(X, "calibration input X")
+        beta = self.nsamples / (self.nsamples + batch)
+        self.nsamples += batch
+        alpha = 2 / self.nsamples
+        with torch.no_grad(), ieee_fp32():
+            if X.dtype == torch.float32:
+                self.H.addmm_(X.t(), X, beta=beta, alpha=alpha)
+                return
+            if X.device.type == "cuda" and X.dtype in (torch.bfloat16, torch.float16):
+                out = _addmm_lowp(self.H, X, beta, alpha)
+                if out is not None:
+                    self.H = out
+                    return
+            step = max(1, self.chunk_bytes // (4 * self.in_features))
+            for k, start in enumerate(range(0, X.shape[0], step)):
+                c = X[start:start + step].float()
+                self.H.addmm_(c.t(), c, beta=beta if k == 0 else 1.0, alpha=alpha)
+
+
+# --------------------------------------------------------------------------------------------
+# GPTQ
+# --------------------------------------------------------------------------------------------
+
+def upper_cholesky_of_inverse(H):
+    """``U`` upper triangular with ``H^-1 = U^T U``, or None when H is not positive definite.
+
+    With ``P`` the reversal permutation and ``L = chol(P H P)`` (lower): ``H = (P L P)(P L P)^T``
+    with ``P L P`` upper triangular, so ``H^-1 = U^T U`` for ``U = (P L P)^-1 = P L^-1 P`` (upper,
+    positive diagonal, hence *the* Cholesky factor the original gets from chol -> cholesky_inverse
+    -> chol(upper)). One Cholesky and one triangular inverse instead of two Choleskys and an inverse.
+    """
+    n = H.shape[0]
+    L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
+    if int(info) != 0 or not bool(torch.isfinite(L).all()):
+        return None
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+    del L, eye
+    U = torch.triu(Linv.flip(0, 1))
+    if not bool(torch.isfinite(U).all()) or not bool((U.diagonal() > 0).all()):
+        return None
+    return U
+
+
+def _not_pd_message(shape_text: str, current: float, mean_diag: float) -> str:
+    return (
+        f"Hessian of the layer with weight shape {shape_text} is not positive definite "
+        f"after damping with percdamp={current:g} (damp = {current * mean_diag:.3e}, mean diag H = "
+        f"{mean_diag:.3e}). Use more or more varied calibration data, raise percdamp, or pass "
+        f"max_percdamp=... to escalate the damping step by step."
+    )
+
+
+@dataclass
+class _Prepared:
+    """What GPTQ derives from H alone (shared by every matrix quantized with it)."""
+
+    U: torch.Tensor            # (cols, cols) fp32, upper, processing order
+    perm: torch.Tensor | None  # processing order -> original column (None: identity)
+    dead: torch.Tensor         # (cols,) bool, original order
+    any_dead: bool
+    percdamp: float
+
+
+def _prepare(H, cols: int, device, percdamp: float, act_order: bool, max_percdamp, percdamp_step,
+             shape_text: str) -> _Prepared:
+    H = _as_tensor(H, "H")
+    _check_square(H, cols, "H")
+    H = H.to(device=device, dtype=torch.float32, copy=True)
+    diag = H.diagonal()
+    dead = diag == 0
+    any_dead = bool(dead.any())
+    if any_dead:
+        diag[dead] = 1
+    perm = None
+    if act_order:
+        perm = torch.argsort(-diag, stable=True)  # ties: lower column index first (as the reference)
+        H = H[perm][:, perm]
+        diag = H.diagonal()
+    mean_diag = float(diag.double().mean())
+    diag0 = diag.double().clone()
+    current = percdamp
+    while True:
+        diag.copy_(diag0 + current * mean_diag)  # damped diagonal rounded once to fp32
+        U = upper_cholesky_of_inverse(H)
+        if U is not None:
+            return _Prepared(U, perm, dead, any_dead, current)
+        nxt = current + percdamp_step
+        if max_percdamp is None or nxt > max_percdamp + 1e-12:
+            raise HessianNotPositiveDefinite(_not_pd_message(shape_text, current, mean_diag))
+        log.warning("GPTQ %s: Cholesky failed with percdamp=%g; retrying with percdamp=%g", shape_text, current, nxt)
+        current = nxt
+
+
+def _gptq_rows(W, prep: _Prepared, spec: QuantSpec, blocksize: int, static_groups: bool, use_triton):
+    """GPTQ on the fp32 working copy ``W`` (rows, cols), original column order (modified in place).
+
+    Returns ``(codes uint8, scale, zero, g_idx, row_loss float64)`` in original column order.
+    """
+    rows, cols = W.shape
+    gs, maxq = spec.group_size, spec.maxq
+    dev = W.device
+    if gs is None:
+        s0, z0 = find_params(W, spec)  # full rows, before dead zeroing
+        S, Z = s0[:, None].contiguous(), z0[:, None].contiguous()
+    if prep.any_dead:
+        W[:, prep.dead] = 0
+    if static_groups:
+        S, Z = group_params(W, spec, gs)  # original column order, after dead zeroing
+        S, Z = S.contiguous(), Z.contiguous()
+    perm = prep.perm
+    if perm is not None:
+        W = W[:, perm]
+    order = perm if perm is not None else torch.arange(cols, device=dev)
+    if gs is None:
+        gidx = torch.zeros(cols, dtype=torch.int64, device=dev)
+    elif static_groups:
+        gidx = order // gs
+    else:
+        gidx = torch.arange(cols, device=dev) // gs
+        n_groups = -(-cols // gs)
+        S = torch.empty((rows, n_groups), dtype=torch.float32, device=dev)
+        Z = torch.empty((rows, n_groups), dtype=torch.float32, device=dev)
+
+    U = prep.U
+    codes = torch.empty((rows, cols), dtype=torch.uint8, device=dev)
+    row_loss = torch.zeros(rows, dtype=torch.float64, device=dev)
+    err = torch.empty((rows, min(blocksize, cols)), dtype=torch.float32, device=dev)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        n = i2 - i1
+        if gs is not None and not static_groups:
+            g1, g2 = -(-i1 // gs), -(-i2 // gs)  # groups starting in [i1, i2)
+            if g1 < g2:  # params from W, which has every earlier block's update but none of this one's
+                s, z = group_params(W[:, g1 * gs: min(g2 * gs, cols)], spec, gs)
+                S[:, g1:g2] = s
+                Z[:, g1:g2] = z
+        E = err[:, :n]
+        gptq_kernels.block_update(W[:, i1:i2], U[i1:i2, i1:i2], S, Z, gidx[i1:i2], maxq, codes[:, i1:i2], E,
+                                  use_triton=use_triton)
+        row_loss += (E * E).sum(dim=1, dtype=torch.float64)
+        if i2 < cols:
+            W[:, i2:].addmm_(E, U[i1:i2, i2:], alpha=-1)
+    row_loss *= 0.5  # sum of (w - q)^2 / U_jj^2 / 2
+
+    if perm is not None:
+        invperm = torch.argsort(perm)
+        codes = codes[:, invperm]
+        gidx = gidx[invperm]
+    return codes, S, Z, gidx, row_loss
+
+
+def _check_gptq_args(spec, blocksize, percdamp, static_groups):
+    _check_spec(spec)
+    if int(blocksize) < 1:
+        raise ValueError(f"blocksize must be >= 1; got {blocksize}.")
+    if not percdamp >= 0:
+        raise ValueError(f"percdamp must be >= 0; got {percdamp}.")
+    if static_groups and spec.group_size is None:
+        raise ValueError("static_groups=True needs a group_size.")
+
+
+def _result(codes, S, Z, gidx, spec, loss: float, prep: _Prepared, cols: int) -> QuantizedWeight:
+    perm = prep.perm if prep.perm is not None else torch.arange(cols, device=codes.device)
+    return QuantizedWeight(codes=codes, scale=S, zero=Z, g_idx=gidx, spec=spec,
+                           info={"loss": loss, "percdamp": prep.percdamp, "perm": perm})
+
+
+class TorchBackend(Backend):
+    """refquant's algorithms in float32 torch on CPU or CUDA (Triton block kernel on CUDA)."""
+
+    name = "torch"
+
+    @staticmethod
+    def asarray(x, device=None, dtype=None):
+        """A torch tensor of ``x`` (NumPy, CuPy or torch input) on ``device``."""
+        t = _as_tensor(x, "x")
+        return t.to(device=device if device is not None else t.device, dtype=dtype or t.dtype)
+
+    # ---- RTN -------------------------------------------------------------------------------
+    def rtn(self, W, spec: QuantSpec) -> QuantizedWeight:
+        """:func:`refquant.rtn` in float32: codes uint8, scale/zero fp32 (rows, n_groups), g_idx int64."""
+        _check_spec(spec)
+        with torch.no_grad():
+            W = _weight_fp32(W)
+            rows, cols = W.shape
+            gs = spec.group_size
+            if gs is None:
+                s, z = find_params(W, spec)
+                S, Z = s[:, None], z[:, None]
+            else:
+                S, Z = group_params(W, spec, gs)
+            codes = _quantize_by_groups(W, S, Z, gs, spec.maxq).to(torch.uint8)
+            g_idx = torch.arange(cols, device=W.device) // gs if gs is not None else torch.zeros(
+                cols, dtype=torch.int64, device=W.device)
+            return QuantizedWeight(codes, S.contiguous(), Z.contiguous(), g_idx, spec)
+
+    # ---- Hessian ---------------------------------------------------------------------------
+    def hessian(self, X):
+        """:func:`refquant.hessian` in float32 on X's device."""
+        X = _as_tensor(X, "X")
+        if X.ndim < 2:
+            raise ValueError(
+                f"X must have shape (..., tokens, in_features) with at least 2 dims; got {tuple(X.shape)}."
+            )
+        acc = TorchHessianAccumulator(X.shape[-1], device=X.device)
+        acc.add_batch(X if X.ndim <= 3 else X.reshape(X.shape[0], -1, X.shape[-1]))
+        return acc.H
+
+    def hessian_accumulator(self, in_features: int, device=None) -> TorchHessianAccumulator:
+        return TorchHessianAccumulator(in_features, device)
+
+    # ---- GPTQ ------------------------------------------------------------------------------
+    def gptq(self, W, H, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False,
+             static_groups: bool = False, *, max_percdamp: float | None = None, percdamp_step: float = 0.01,
+             use_triton: bool | None = None) -> QuantizedWeight:
+        """:func:`refquant.gptq` in float32 on W's device (H is moved there).
+
+        ``use_triton``: None = the Triton block kernel when usable (CUDA), False = torch ops,
+        True = Triton or fail. Returns codes uint8, scale/zero fp32, g_idx int64; ``info`` has
+        ``loss`` (float), ``percdamp`` and ``perm`` (int64 tensor).
+        """
+        _check_gptq_args(spec, blocksize, percdamp, static_groups)
+        with torch.no_grad(), ieee_fp32():
+            W = _weight_fp32(W)
+            rows, cols = W.shape
+            prep = _prepare(H, cols, W.device, percdamp, act_order, max_percdamp, percdamp_step, f"{rows}x{cols}")
+            codes, S, Z, gidx, row_loss = _gptq_rows(W, prep, spec, int(blocksize), static_groups, use_triton)
+            return _result(codes, S, Z, gidx, spec, float(row_loss.sum()), prep, cols)
+
+    def gptq_shared(self, Ws, H, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
+                    act_order: bool = False, static_groups: bool = False, *, max_percdamp: float | None = None,
+                    percdamp_step: float = 0.01, use_triton: bool | None = None) -> list[QuantizedWeight]:
+        """Several matrices that share one Hessian (e.g. q/k/v, gate/up) in one GPTQ pass.
+
+        H is damped and factored once; rows of all matrices are concatenated (rows are independent
+        given U) and split again. ``per_tensor`` specs couple the rows of a matrix, so those loop
+        over the matrices (still with one factorization). Equal to separate :meth:`gptq` calls.
+        """
+        _check_gptq_args(spec, blocksize, percdamp, static_groups)
+        cols = check_shared(Ws)
+        with torch.no_grad(), ieee_fp32():
+            device = _as_tensor(Ws[0], "Ws[0]").device
+            mats = [_weight_fp32(W, f"Ws[{k}]", device=device) for k, W in enumerate(Ws)]
+            shape_text = ", ".join(f"{m.shape[0]}x{cols}" for m in mats)
+            prep = _prepare(H, cols, device, percdamp, act_order, max_percdamp, percdamp_step, shape_text)
+            if spec.per_tensor:
+                out = []
+                for m in mats:
+                    codes, S, Z, gidx, row_loss = _gptq_rows(m, prep, spec, int(blocksize), static_groups, use_triton)
+                    out.append(_result(codes, S, Z, gidx, spec, float(row_loss.sum()), prep, cols))
+                return out
+            sizes = [m.shape[0] for m in mats]
+            Wcat = torch.cat(mats, dim=0)
+            del mats
+            codes, S, Z, gidx, row_loss = _gptq_rows(Wcat, prep, spec, int(blocksize), static_groups, use_triton)
+            losses = [float(x.sum()) for x in row_loss.split(sizes)]
+            return [
+                _result(c.contiguous(), s.contiguous(), z.contiguous(), gidx, spec, loss, prep, cols)
+                for c, s, z, loss in zip(codes.split(sizes), S.split(sizes), Z.split(sizes), losses)
+            ]
+
+
+# --------------------------------------------------------------------------------------------
+# Micro-benchmark (for tools/bench.py; not a test)
+# --------------------------------------------------------------------------------------------
+
+def benchmark_gptq(rows: int, cols: int, group_size: int | None = 128, device="cuda", *, bits: int = 4,
+                   act_order: bool = False, blocksize: int = 128, repeats: int = 3, use_triton: bool | None = None,
+                   seed: int = 0) -> float:
+    """Median wall time in seconds of one ``TorchBackend().gptq`` call on a (rows, cols) layer.
+
+    W ~ N(0, 0.02^2); H = B B^T / r + diag, a rank-r factor model with lognormal channel scales
+    (cheap to build at 28672 columns; dense, correlated, positive definite). One warm-up call
+    (Triton compilation) is not timed. Uses a private generator: the global RNG is untouched.
+    """
+    device = torch.device(device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    r = min(256, cols)
+    with torch.no_grad():
+        W = (torch.randn(rows, cols, generator=gen) * 0.02).to(device)
+        B = torch.randn(cols, r, generator=gen).to(device)
+        scales = torch.exp(torch.randn(cols, generator=gen) * 0.5).to(device)
+        with ieee_fp32():
+            H = (B @ B.t()) / r
+        H.diagonal().add_(0.1)
+        H = scales[:, None] * H * scales[None, :]
+    spec = QuantSpec(bits=bits, group_size=group_size)
+    be = TorchBackend()
+
+    def once():
+        be.gptq(W, H, spec, blocksize=blocksize, act_order=act_order, use_triton=use_triton)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    once()
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -1,0 +1,697 @@
+"""Backends vs the float64 reference (refquant).
+
+Default run (CPU, < 90 s): the torch backend on CPU against refquant on seeded cases, registry,
+Hessian accumulation, gptq_shared, the U identity, damping escalation, global-state hygiene, and the
+Triton kernel in interpreter mode (subprocess, if Triton is installed).
+``-m slow``: 4096-wide GPTQ cases on the CPU. ``-m gpu``: the same on CUDA, Triton vs the torch
+fallback, bf16 Hessians, the CuPy backend, the benchmark.
+
+Parity rules (docs/backends.md):
+* RTN: codes identical except where the reference's ``x / scale + zero`` lies within float32
+  rounding of a .5 tie (there a code may differ by 1); scale/zero and dequantized weights within
+  float32 rounding.
+* GPTQ (fp32 vs fp64): >= 99.9 % identical codes and proxy loss ``tr((W - W_hat) H (W - W_hat)^T)``
+  within 0.5 % of the reference's.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import refquant as rq  # noqa: E402
+import backends  # noqa: E402
+from backends import get_backend  # noqa: E402
+from backends import gptq_kernels as GK  # noqa: E402
+from backends import torch_backend as TB  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EPS32 = 2.0 ** -24  # unit roundoff of float32
+CODES_MIN = 0.999   # GPTQ rule: identical codes
+LOSS_REL = 0.005    # GPTQ rule: proxy loss
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+
+TB_ = get_backend("torch")
+
+
+# ------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------
+
+def make_W(rows, cols, seed=0, zero_row=False):
+    """LLM-like weights: N(0, 0.02^2), a few outlier input columns, optionally an all-zero row."""
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((rows, cols)) * 0.02
+    W[:, rng.choice(cols, size=max(1, cols // 256), replace=False)] *= 8
+    if zero_row:
+        W[rows // 2] = 0
+    return W.astype(np.float32)
+
+
+def make_H(cols, seed=0, rank=None, dead=()):
+    """Dense correlated PSD Hessian (rank-r factor model + ridge, lognormal channel scales), fp32 values."""
+    rng = np.random.default_rng(seed + 1000)
+    rank = rank or max(8, cols // 8)
+    B = rng.standard_normal((cols, rank))
+    sc = np.exp(rng.standard_normal(cols) * 0.7)
+    H = (B @ B.T) / rank + 0.05 * np.eye(cols)
+    H = sc[:, None] * H * sc[None, :]
+    for j in dead:
+        H[j, :] = 0
+        H[:, j] = 0
+    return H.astype(np.float32)
+
+
+def np_(x):
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+# ------------------------------------------------------------------------------------------
+# parity checks
+# ------------------------------------------------------------------------------------------
+
+def assert_params_close(got_s, got_z, ref_s, ref_z, what):
+    """Params computed from the same weights: scale == float32(reference scale), zero identical."""
+    np.testing.assert_array_equal(np_(got_s), np.asarray(ref_s).astype(np.float32),
+                                  err_msg=f"{what}: scale is not the reference's rounded to float32")
+    np.testing.assert_array_equal(np_(got_z).astype(np.float64), ref_z, err_msg=f"{what}: zero point differs")
+
+
+def assert_rtn_parity(got, ref, W, what=""):
+    """RTN rule: codes equal except at fp32-near .5 ties (then off by 1); params/dequant within fp32 rounding."""
+    assert got.codes.dtype == torch.uint8 and got.scale.dtype == torch.float32 and got.zero.dtype == torch.float32
+    assert got.g_idx.dtype == torch.int64
+    np.testing.assert_array_equal(np_(got.g_idx), ref.g_idx)
+    assert_params_close(got.scale, got.zero, ref.scale, ref.zero, what)
+    ct, cr = np_(got.codes).astype(np.int64), ref.codes.astype(np.int64)
+    diff = ct != cr
+    if diff.any():
+        W64 = np.asarray(W, dtype=np.float64)
+        t = W64 / ref.scale[:, ref.g_idx] + ref.zero[:, ref.g_idx]
+        near_tie = np.abs(np.abs(t - np.floor(t)) - 0.5) <= 8 * EPS32 * np.maximum(1.0, np.abs(t))
+        bad = diff & ~(near_tie & (np.abs(ct - cr) == 1))
+        assert not bad.any(), f"{what}: {int(bad.sum())} code(s) differ away from a rounding tie"
+    same = ~diff
+    dq_t = np_(got.dequantize()).astype(np.float64)
+    dq_r = ref.dequantize()
+    tol = 4 * EPS32 * np.abs(ref.scale[:, ref.g_idx]) * (np.abs(cr - ref.zero[:, ref.g_idx]) + 1)
+    assert np.all(np.abs(dq_t - dq_r)[same] <= tol[same]), f"{what}: dequantized weights beyond fp32 rounding"
+
+
+def proxy_loss(W, qw, H):
+    D = np.asarray(W, np.float64) - np_(qw.dequantize()).astype(np.float64)
+    return float(np.einsum("ij,jk,ik->", D, np.asarray(H, np.float64), D))
+
+
+def assert_gptq_parity(got, ref, W, H, what="", codes_min=CODES_MIN, loss_rel=LOSS_REL, static_params=False):
+    assert got.codes.dtype == torch.uint8 and got.scale.dtype == torch.float32 and got.g_idx.dtype == torch.int64
+    assert got.codes.shape == ref.codes.shape and got.scale.shape == ref.scale.shape
+    np.testing.assert_array_equal(np_(got.g_idx), ref.g_idx, err_msg=what)
+    np.testing.assert_array_equal(np_(got.info["perm"]), ref.info["perm"], err_msg=what)
+    assert got.info["percdamp"] == ref.info["percdamp"]
+    same = float((np_(got.codes) == ref.codes).mean())
+    assert same >= codes_min, f"{what}: only {same:.5%} identical codes (rule >= {codes_min:.1%})"
+    lg, lr = proxy_loss(W, got, H), proxy_loss(W, ref, H)
+    assert abs(lg - lr) <= loss_rel * lr, f"{what}: proxy loss {lg:.6g} vs reference {lr:.6g}"
+    assert abs(got.info["loss"] - ref.info["loss"]) <= loss_rel * ref.info["loss"], what
+    if static_params:  # per-channel and static-group params come from W itself: fp32 rounding only
+        assert_params_close(got.scale, got.zero, ref.scale, ref.zero, what)
+    else:  # dynamic groups see the updated weights: close, not equal
+        np.testing.assert_allclose(np_(got.scale), ref.scale, rtol=1e-3, err_msg=what)
+
+
+# ------------------------------------------------------------------------------------------
+# registry
+# ------------------------------------------------------------------------------------------
+
+def test_registry():
+    assert backends.available_backends() == ("numpy", "torch", "cupy")
+    for name in ("numpy", "torch"):
+        be = get_backend(name)
+        assert be.name == name and get_backend(name.upper()) is be
+        for m in ("rtn", "hessian", "hessian_accumulator", "gptq", "gptq_shared"):
+            assert callable(getattr(be, m))
+    with pytest.raises(ValueError, match="numpy, torch, cupy"):
+        get_backend("jax")
+
+
+def test_cupy_missing_is_clear():
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install cupy"):
+            get_backend("cupy")
+    else:  # pragma: no cover - GPU machines
+        assert get_backend("cupy").name == "cupy"
+
+
+def test_register_extends_backend():
+    cls = type(TB_)
+
+    @cls.register("_test_ext_method")
+    def _m(self, x):
+        return x + 1
+
+    try:
+        assert TB_._test_ext_method(1) == 2
+        with pytest.raises(ValueError, match="already has"):
+            cls.register("_test_ext_method")(lambda self: None)
+    finally:
+        delattr(cls, "_test_ext_method")
+
+
+def test_numpy_backend_is_the_reference():
+    nb = get_backend("numpy")
+    W, H = make_W(6, 96, seed=3), make_H(96, seed=3)
+    spec = rq.QuantSpec(4, 32)
+    a, b = nb.gptq(torch.from_numpy(W), H, spec, act_order=True), rq.gptq(W, H, spec, act_order=True)
+    np.testing.assert_array_equal(a.codes, b.codes)
+    np.testing.assert_array_equal(a.scale, b.scale)
+    shared = nb.gptq_shared([W, W[:2]], H, spec)
+    np.testing.assert_array_equal(shared[1].codes, rq.gptq(W[:2], H, spec).codes)
+    np.testing.assert_array_equal(nb.rtn(W, spec).codes, rq.rtn(W, spec).codes)
+    acc = nb.hessian_accumulator(96)
+    acc.add_batch(torch.from_numpy(W))  # 6 tokens of 96 features
+    np.testing.assert_allclose(acc.H, rq.hessian(W.astype(np.float64)))
+
+
+# ------------------------------------------------------------------------------------------
+# RTN
+# ------------------------------------------------------------------------------------------
+
+RTN_SPECS = [
+    rq.QuantSpec(4, None), rq.QuantSpec(4, None, sym=True), rq.QuantSpec(4, 128), rq.QuantSpec(4, 128, sym=True),
+    rq.QuantSpec(3, 128), rq.QuantSpec(2, 32), rq.QuantSpec(2, 32, sym=True), rq.QuantSpec(8, None),
+    rq.QuantSpec(8, 128, sym=True), rq.QuantSpec(3, 100), rq.QuantSpec(4, None, per_tensor=True),
+    rq.QuantSpec(3, None, mse=True), rq.QuantSpec(4, 128, sym=True, mse=True), rq.QuantSpec(4, 128, rule="awq"),
+    rq.QuantSpec(3, 32, rule="awq"), rq.QuantSpec(4, 128, rule="absmax"), rq.QuantSpec(8, None, rule="absmax"),
+    rq.QuantSpec(1, 64),
+]
+
+
+@pytest.mark.parametrize("spec", RTN_SPECS, ids=lambda s: f"b{s.bits}g{s.group_size}{'s' if s.sym else 'a'}"
+                         f"{'-pt' if s.per_tensor else ''}{'-mse' if s.mse else ''}-{s.rule}")
+def test_rtn_parity(spec):
+    W = make_W(5, 4096, seed=1, zero_row=True)  # 4096-wide rows, cut to a few rows
+    got, ref = TB_.rtn(torch.from_numpy(W), spec), rq.rtn(W, spec)
+    assert_rtn_parity(got, ref, W, str(spec))
+
+
+def test_rtn_exact_ties_and_bf16_input():
+    # values on a grid with exactly representable scales: every .5 tie is exact in fp32 and fp64
+    W = (np.arange(-24, 40, dtype=np.float32).reshape(4, 16) / 8.0)
+    for spec in (rq.QuantSpec(4, None), rq.QuantSpec(3, 8), rq.QuantSpec(4, 8, sym=True)):
+        assert_rtn_parity(TB_.rtn(torch.from_numpy(W), spec), rq.rtn(W, spec), W, f"ties {spec}")
+    Wb = torch.from_numpy(make_W(8, 384, seed=2)).bfloat16()
+    W32 = Wb.float().numpy()
+    spec = rq.QuantSpec(4, 128)
+    got = TB_.rtn(Wb, spec)
+    assert_rtn_parity(got, rq.rtn(W32, spec), W32, "bf16 input")
+    assert got.codes.device == Wb.device
+
+
+def test_rtn_rejects_bad_input():
+    with pytest.raises(ValueError, match="2-D"):
+        TB_.rtn(torch.zeros(3), rq.QuantSpec(4))
+    with pytest.raises(ValueError, match="non-finite"):
+        TB_.rtn(torch.tensor([[1.0, float("nan")]]), rq.QuantSpec(4))
+    with pytest.raises(ValueError, match="QuantSpec"):
+        TB_.rtn(torch.ones(2, 2), {"bits": 4})
+
+
+# ------------------------------------------------------------------------------------------
+# Hessian
+# ------------------------------------------------------------------------------------------
+
+def test_hessian_accumulator_matches_reference():
+    rng = np.random.default_rng(5)
+    batches = [rng.standard_normal((2, 16, 48)), rng.standard_normal((10, 48)) * 3, rng.standard_normal((3, 7, 48))]
+    ref = rq.HessianAccumulator(48)
+    acc = TB_.hessian_accumulator(48, device="cpu")
+    for X in batches:
+        X32 = X.astype(np.float32)
+        ref.add_batch(X32.astype(np.float64))
+        acc.add_batch(torch.from_numpy(X32))
+    assert acc.nsamples == ref.nsamples == 6
+    assert acc.H.dtype == torch.float32
+    np.testing.assert_allclose(np_(acc.H), ref.H, rtol=1e-5, atol=1e-6 * np.abs(ref.H).max())
+    # one-shot hessian(), and bf16 input (upcast per chunk on the CPU; tiny chunks exercise the loop)
+    X = torch.from_numpy(batches[0].astype(np.float32)).bfloat16()
+    np.testing.assert_allclose(np_(TB_.hessian(X)), rq.hessian(X.float().numpy().astype(np.float64)),
+                               rtol=1e-5, atol=1e-6)
+    small = TB.TorchHessianAccumulator(48)
+    small.chunk_bytes = 4 * 48 * 5
+    small.add_batch(X)
+    np.testing.assert_allclose(np_(small.H), rq.hessian(X.float().numpy().astype(np.float64)), rtol=1e-5, atol=1e-6)
+
+
+def test_hessian_accumulator_errors():
+    acc = TB_.hessian_accumulator(8)
+    with pytest.raises(ValueError, match="features"):
+        acc.add_batch(torch.zeros(4, 9))
+    with pytest.raises(ValueError, match="empty"):
+        acc.add_batch(torch.zeros(0, 8))
+    with pytest.raises(ValueError, match="non-finite"):
+        acc.add_batch(torch.full((2, 8), float("inf")))
+    with pytest.raises(ValueError):
+        acc.add_batch(torch.zeros(8))
+    assert acc.nsamples == 0
+
+
+# ------------------------------------------------------------------------------------------
+# GPTQ
+# ------------------------------------------------------------------------------------------
+
+GPTQ_CASES = {
+    # name: (rows, cols, spec, act_order, static_groups, blocksize, dead)
+    "b4-g128-asym": (16, 1024, rq.QuantSpec(4, 128), False, False, 128, ()),
+    "b4-perchan-sym-actorder": (16, 1024, rq.QuantSpec(4, None, sym=True), True, False, 128, ()),
+    "b3-g32-dead": (16, 512, rq.QuantSpec(3, 32), False, False, 128, (3, 100, 101, 511)),
+    "b2-g32-actorder": (16, 512, rq.QuantSpec(2, 32), True, False, 128, ()),
+    "b4-g100-static-actorder": (16, 520, rq.QuantSpec(4, 100), True, True, 128, (7,)),
+    "b8-perchan": (12, 512, rq.QuantSpec(8, None), False, False, 128, ()),
+    "b3-g128-sym-bs64": (12, 384, rq.QuantSpec(3, 128, sym=True), False, False, 64, ()),
+    "b4-g48-static": (12, 384, rq.QuantSpec(4, 48), False, True, 128, ()),
+    "b3-mse": (8, 512, rq.QuantSpec(3, None, mse=True), True, False, 128, ()),
+    "b4-pertensor": (8, 512, rq.QuantSpec(4, None, per_tensor=True), False, False, 128, ()),
+    "b4-g128-awq": (8, 512, rq.QuantSpec(4, 128, rule="awq"), False, False, 128, ()),
+    "b4-g64-absmax-actorder": (8, 512, rq.QuantSpec(4, 64, rule="absmax"), True, False, 128, ()),
+}
+SLOW_CASES = {
+    "4096-b4-g128": (6, 4096, rq.QuantSpec(4, 128), False, False, 128, ()),
+    "4096-b4-perchan-sym-actorder": (6, 4096, rq.QuantSpec(4, None, sym=True), True, False, 128, ()),
+    "4096-b3-g32-actorder-dead": (6, 4096, rq.QuantSpec(3, 32), True, False, 128, (0, 17, 4095)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def gptq_case(name):
+    rows, cols, spec, act_order, static_groups, blocksize, dead = {**GPTQ_CASES, **SLOW_CASES}[name]
+    seed = sum(map(ord, name))
+    W, H = make_W(rows, cols, seed=seed), make_H(cols, seed=seed, dead=dead)
+    kw = dict(blocksize=blocksize, act_order=act_order, static_groups=static_groups)
+    ref = rq.gptq(W.astype(np.float64), H.astype(np.float64), spec, **kw)
+    return W, H, spec, kw, ref
+
+
+def _static_params(spec, kw):
+    return spec.group_size is None or kw["static_groups"]
+
+
+def run_gptq_parity(name, device):
+    W, H, spec, kw, ref = gptq_case(name)
+    got = TB_.gptq(torch.from_numpy(W).to(device), torch.from_numpy(H).to(device), spec, **kw)
+    assert got.codes.device.type == torch.device(device).type
+    assert_gptq_parity(got, ref, W, H, name, static_params=_static_params(spec, kw))
+    return got
+
+
+@pytest.mark.parametrize("name", list(GPTQ_CASES))
+def test_gptq_parity_cpu(name):
+    run_gptq_parity(name, "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SLOW_CASES))
+def test_gptq_parity_cpu_4096(name):
+    run_gptq_parity(name, "cpu")
+
+
+def test_gptq_bf16_weight_and_fp64_hessian():
+    W, H = make_W(8, 256, seed=11), make_H(256, seed=11)
+    Wb = torch.from_numpy(W).bfloat16()
+    spec = rq.QuantSpec(4, 64)
+    got = TB_.gptq(Wb, torch.from_numpy(H).double(), spec)
+    W32 = Wb.float().numpy()
+    assert_gptq_parity(got, rq.gptq(W32, H, spec), W32, H, "bf16 W", static_params=False)
+
+
+def test_gptq_shared_equals_separate():
+    cols = 384
+    H = torch.from_numpy(make_H(cols, seed=21))
+    Ws = [torch.from_numpy(make_W(r, cols, seed=20 + r)) for r in (8, 3, 13)]
+    for spec, kw in [(rq.QuantSpec(4, 128), {}), (rq.QuantSpec(3, 32), {"act_order": True}),
+                     (rq.QuantSpec(4, 96, sym=True), {"static_groups": True, "act_order": True}),
+                     (rq.QuantSpec(4, None, per_tensor=True), {})]:
+        shared = TB_.gptq_shared(Ws, H, spec, **kw)
+        assert len(shared) == len(Ws)
+        for W, q in zip(Ws, shared):
+            s = TB_.gptq(W, H, spec, **kw)
+            assert q.codes.shape == W.shape and q.scale.shape == s.scale.shape
+            # Rows are independent given U, but the BLAS may pick another GEMM kernel (another fp32
+            # summation order in the lazy update) for another row count: equal up to fp32 rounding.
+            assert (q.codes == s.codes).float().mean().item() >= CODES_MIN, spec
+            assert torch.equal(q.g_idx, s.g_idx) and torch.equal(q.info["perm"], s.info["perm"])
+            torch.testing.assert_close(q.scale, s.scale, rtol=1e-5, atol=0)
+            assert q.info["loss"] == pytest.approx(s.info["loss"], rel=1e-4)
+            if spec.group_size is None or kw.get("static_groups"):  # params from W itself: bitwise
+                assert torch.equal(q.scale, s.scale) and torch.equal(q.zero, s.zero)
+    with pytest.raises(ValueError, match="same in_features"):
+        TB_.gptq_shared([Ws[0], Ws[0][:, :100]], H, rq.QuantSpec(4))
+    with pytest.raises(ValueError, match="non-empty"):
+        TB_.gptq_shared([], H, rq.QuantSpec(4))
+
+
+def test_u_identity_matches_original_route():
+    """U = P inv(chol(P H P)) P is the upper Cholesky factor of H^-1, as accurate in fp32 as the original route."""
+    from refquant.gptq import upper_cholesky_of_inverse as ref_U
+
+    for cols, rank in [(256, 300), (384, 48)]:
+        H = make_H(cols, seed=cols, rank=rank)
+        H[np.diag_indices(cols)] += 0.01 * np.mean(np.diag(H))
+        U64 = ref_U(H.astype(np.float64))
+        Ht = torch.from_numpy(H)
+        U = TB.upper_cholesky_of_inverse(Ht)
+        assert torch.equal(U, torch.triu(U)) and bool((U.diagonal() > 0).all())
+        L = torch.linalg.cholesky(Ht)
+        U_orig = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        err_id = np.abs(U.double().numpy() - U64).max() / np.abs(U64).max()
+        err_orig = np.abs(U_orig.double().numpy() - U64).max() / np.abs(U64).max()
+        cond = np.linalg.cond(H.astype(np.float64))
+        assert err_id <= 2 * err_orig + 10 * EPS32, (err_id, err_orig)
+        assert err_id <= 10 * cond * EPS32, (err_id, cond)
+
+
+def test_not_positive_definite_and_escalation():
+    H = np.array([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)  # eigenvalues -1, 1, 3
+    W = make_W(4, 3, seed=2)
+    spec = rq.QuantSpec(4)
+    with pytest.raises(rq.HessianNotPositiveDefinite, match="4x3"):
+        TB_.gptq(torch.from_numpy(W), torch.from_numpy(H), spec)
+    with pytest.raises(rq.HessianNotPositiveDefinite):
+        TB_.gptq(torch.from_numpy(W), torch.from_numpy(H), spec, max_percdamp=0.5, percdamp_step=0.25)
+    kw = dict(max_percdamp=2.0, percdamp_step=0.5)
+    ref = rq.gptq(W, H, spec, **kw)
+    got = TB_.gptq(torch.from_numpy(W), torch.from_numpy(H), spec, **kw)
+    assert got.info["percdamp"] == ref.info["percdamp"] > 1.0
+    np.testing.assert_array_equal(np_(got.codes), ref.codes)
+
+
+def test_gptq_argument_errors():
+    W, H = torch.ones(2, 4), torch.eye(4)
+    with pytest.raises(ValueError, match="static_groups"):
+        TB_.gptq(W, H, rq.QuantSpec(4), static_groups=True)
+    with pytest.raises(ValueError, match="blocksize"):
+        TB_.gptq(W, H, rq.QuantSpec(4), blocksize=0)
+    with pytest.raises(ValueError, match="in_features=4"):
+        TB_.gptq(W, torch.eye(5), rq.QuantSpec(4))
+    with pytest.raises(ValueError, match="non-finite"):
+        TB_.gptq(W, torch.full((4, 4), float("nan")), rq.QuantSpec(4))
+
+
+def _global_state():
+    def read(f):
+        try:
+            return f()
+        except Exception as e:  # torch refuses some reads in a mixed legacy/new flag state
+            return f"raises {type(e).__name__}"
+
+    cm = torch.backends.cuda.matmul
+    return {
+        "allow_tf32": read(lambda: cm.allow_tf32),
+        "fp32_precision": read(lambda: cm.fp32_precision),
+        "matmul_precision": read(torch.get_float32_matmul_precision),
+        "cudnn_tf32": read(lambda: torch.backends.cudnn.allow_tf32),
+        "mkldnn": read(lambda: torch.backends.mkldnn.matmul.fp32_precision),
+        "grad": torch.is_grad_enabled(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def test_no_global_state_change():
+    before, rng, np_rng = _global_state(), torch.get_rng_state(), np.random.get_state()[1].copy()
+    cuda_rng = torch.cuda.get_rng_state_all() if HAS_CUDA else None
+    W, H = torch.from_numpy(make_W(4, 128)), torch.from_numpy(make_H(128))
+    TB_.rtn(W, rq.QuantSpec(4, 32))
+    TB_.hessian(W.t())
+    TB_.gptq(W, H, rq.QuantSpec(4, 32), act_order=True)
+    TB_.gptq_shared([W, W], H, rq.QuantSpec(4))
+    assert TB.benchmark_gptq(4, 128, 32, "cpu", repeats=1) > 0
+    assert _global_state() == before
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert np.array_equal(np.random.get_state()[1], np_rng)
+    if HAS_CUDA:
+        assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), cuda_rng))
+
+
+_GUARD_SCRIPT = r"""
+import json, torch
+from backends.torch_backend import ieee_fp32, TorchBackend
+import refquant as rq
+cm, mk = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+def read(f):
+    try: return f()
+    except Exception as e: return "raises"
+def state():
+    return dict(legacy=read(torch.get_float32_matmul_precision), allow=read(lambda: cm.allow_tf32),
+                cuda=read(lambda: cm.fp32_precision), mkl=read(lambda: mk.fp32_precision),
+                generic=read(lambda: torch.backends.fp32_precision), cudnn=read(lambda: torch.backends.cudnn.allow_tf32))
+modes = [("default", lambda: None), ("legacy_tf32", lambda: setattr(cm, "allow_tf32", True)),
+         ("high", lambda: torch.set_float32_matmul_precision("high")),
+         ("medium", lambda: torch.set_float32_matmul_precision("medium")),
+         ("highest", lambda: torch.set_float32_matmul_precision("highest")),
+         ("new_cuda_tf32", lambda: setattr(cm, "fp32_precision", "tf32")),
+         ("new_mkl_bf16", lambda: setattr(mk, "fp32_precision", "bf16")),
+         ("generic_tf32", lambda: setattr(torch.backends, "fp32_precision", "tf32"))]
+out = []
+W, H = torch.randn(3, 32, generator=torch.Generator().manual_seed(0)), torch.eye(32)
+for name, apply in modes:
+    try:
+        apply()
+    except Exception as e:
+        out.append([name, "skipped", repr(e)]); continue
+    before = state()
+    with ieee_fp32():
+        inside_cublas = read(torch._C._get_cublas_allow_tf32)
+        inside_mkl = read(lambda: mk.fp32_precision)
+    TorchBackend().gptq(W, H, rq.QuantSpec(4))
+    after = state()
+    out.append([name, before == after, inside_cublas, inside_mkl, before, after])
+print(json.dumps(out))
+"""
+
+
+def test_ieee_guard_restores_every_flag_state():
+    """In a fresh process: from each TF32/bf16 flag state, the guard is IEEE inside and restores exactly."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    ran = [r for r in rows if r[1] != "skipped"]
+    assert len(ran) >= 6, rows
+    for name, restored, inside_cublas, inside_mkl, before, after in ran:
+        assert restored is True, (name, before, after)
+        assert inside_cublas is False, (name, inside_cublas)
+        assert inside_mkl not in ("tf32", "bf16"), (name, inside_mkl)
+
+
+# ------------------------------------------------------------------------------------------
+# Triton kernel (interpreter mode on the CPU)
+# ------------------------------------------------------------------------------------------
+
+_INTERP_SCRIPT = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import json, torch, numpy as np
+from backends import gptq_kernels as GK
+from backends.torch_backend import TorchBackend
+import refquant as rq
+assert GK.interpreting() and GK.triton_usable(torch.device("cpu"))
+GK.CONFIG["block_r"] = 8
+g = torch.Generator().manual_seed(0)
+res = {}
+# direct block: 10 rows (2 programs, last partial), 77 columns (padded to 128), 3 groups
+rows, n, G = 10, 77, 3
+Wb = torch.randn(rows, 100, generator=g)[:, :n]          # strided view
+A = torch.randn(n, n, generator=g, dtype=torch.float64)
+U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(A @ A.T + n * torch.eye(n, dtype=torch.float64))), upper=True).float()
+S = torch.rand(rows, G, generator=g) * 0.3 + 0.05
+Z = torch.randint(0, 16, (rows, G), generator=g).float()
+gidx = torch.randint(0, G, (n,), generator=g)
+outs = []
+for fn in (GK.block_update_triton, GK.block_update_torch):
+    c = torch.zeros(rows, 128, dtype=torch.uint8)[:, :n]; e = torch.zeros(rows, n)
+    fn(Wb, U, S, Z, gidx, 15, c, e); outs.append((c.clone(), e.clone()))
+res["block_codes_equal"] = torch.equal(outs[0][0], outs[1][0])
+res["block_err_equal"] = torch.equal(outs[0][1], outs[1][1])
+# whole GPTQ through the backend: groups straddling blocks, act-order, a short last block
+W = torch.randn(6, 80, generator=g) * 0.02
+X = torch.randn(200, 80, generator=g)
+H = X.T @ X
+be = TorchBackend()
+for name, spec, kw in [("g24-actorder", rq.QuantSpec(3, 24), dict(act_order=True, blocksize=32)),
+                       ("perchan-sym", rq.QuantSpec(4, None, sym=True), dict(blocksize=64))]:
+    a = be.gptq(W, H, spec, use_triton=True, **kw)
+    b = be.gptq(W, H, spec, use_triton=False, **kw)
+    res[name] = bool(torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and a.info["loss"] == b.info["loss"])
+print(json.dumps(res))
+"""
+
+
+def test_triton_kernel_in_interpreter_equals_torch_fallback():
+    pytest.importorskip("triton")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out and all(out.values()), out
+
+
+def test_kernel_dispatch_without_triton_device():
+    # on a CPU tensor without interpreter mode the torch path runs (and use_triton=False forces it anywhere)
+    assert not GK.triton_usable(torch.device("cpu")) or GK.interpreting()
+    W, H = torch.from_numpy(make_W(4, 64)), torch.from_numpy(make_H(64))
+    a = TB_.gptq(W, H, rq.QuantSpec(4, 16), use_triton=False)
+    b = TB_.gptq(W, H, rq.QuantSpec(4, 16))
+    assert torch.equal(a.codes, b.codes)
+
+
+def test_benchmark_cpu_smoke():
+    t = TB.benchmark_gptq(8, 256, 128, "cpu", repeats=1)
+    assert isinstance(t, float) and t > 0
+
+
+# ------------------------------------------------------------------------------------------
+# GPU (pytest -m gpu)
+# ------------------------------------------------------------------------------------------
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("name", list(GPTQ_CASES) + list(SLOW_CASES))
+def test_gpu_gptq_parity(name):
+    run_gptq_parity(name, "cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("spec", RTN_SPECS[:12], ids=str)
+def test_gpu_rtn_parity(spec):
+    W = make_W(5, 4096, seed=1, zero_row=True)
+    assert_rtn_parity(TB_.rtn(torch.from_numpy(W).cuda(), spec), rq.rtn(W, spec), W, str(spec))
+
+
+@gpu
+@needs_cuda
+def test_gpu_triton_kernel_equals_torch_fallback():
+    pytest.importorskip("triton")
+    assert GK.triton_usable(torch.device("cuda"))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for rows, n, G in [(1000, 128, 1), (37, 77, 3), (4096, 128, 2), (5, 256, 4)]:
+        Wb = torch.randn(rows, n + 3, generator=g)[:, :n].cuda()
+        A = torch.randn(n, n, generator=g, dtype=torch.float64)
+        Hn = A @ A.T + n * torch.eye(n, dtype=torch.float64)
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hn)), upper=True).float().cuda()
+        S = (torch.rand(rows, G, generator=g) * 0.3 + 0.05).cuda()
+        Z = torch.randint(0, 16, (rows, G), generator=g).float().cuda()
+        gidx = torch.randint(0, G, (n,), generator=g).cuda()
+        outs = []
+        for fn in (GK.block_update_triton, GK.block_update_torch):
+            c = torch.zeros(rows, n, dtype=torch.uint8, device="cuda")
+            e = torch.zeros(rows, n, device="cuda")
+            fn(Wb, U, S, Z, gidx, 15, c, e)
+            outs.append((c, e))
+        assert torch.equal(outs[0][0], outs[1][0]), (rows, n)
+        assert torch.equal(outs[0][1], outs[1][1]), (rows, n)
+    W, H = make_W(64, 1024, seed=4), make_H(1024, seed=4)
+    for spec, kw in [(rq.QuantSpec(4, 128), {}), (rq.QuantSpec(3, 32), {"act_order": True}),
+                     (rq.QuantSpec(4, None, sym=True), {"act_order": True, "blocksize": 256})]:
+        a = TB_.gptq(torch.from_numpy(W).cuda(), torch.from_numpy(H).cuda(), spec, use_triton=True, **kw)
+        b = TB_.gptq(torch.from_numpy(W).cuda(), torch.from_numpy(H).cuda(), spec, use_triton=False, **kw)
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale), spec
+        assert a.info["loss"] == b.info["loss"]
+
+
+@gpu
+@needs_cuda
+def test_gpu_gptq_shared_and_devices():
+    cols = 1024
+    H = torch.from_numpy(make_H(cols, seed=31)).cuda()
+    Ws = [torch.from_numpy(make_W(r, cols, seed=30 + r)).cuda().bfloat16() for r in (64, 16, 128)]
+    spec = rq.QuantSpec(4, 128)
+    shared = TB_.gptq_shared(Ws, H, spec, act_order=True)
+    for W, q in zip(Ws, shared):
+        s = TB_.gptq(W, H, spec, act_order=True)
+        assert q.codes.is_cuda and q.scale.dtype == torch.float32 and q.g_idx.dtype == torch.int64
+        # bitwise on the CPU; cuBLAS may pick a different GEMM kernel for a different row count
+        assert (q.codes == s.codes).float().mean().item() >= CODES_MIN
+        assert q.info["loss"] == pytest.approx(s.info["loss"], rel=LOSS_REL)
+
+
+@gpu
+@needs_cuda
+def test_gpu_hessian_bf16_and_fp32():
+    rng = np.random.default_rng(9)
+    X = torch.from_numpy(rng.standard_normal((4, 512, 1024)).astype(np.float32))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        Xd = X.to(dtype)
+        acc = TB_.hessian_accumulator(1024, device="cuda")
+        acc.add_batch(Xd[:3].cuda())
+        acc.add_batch(Xd[3].cuda())
+        ref = rq.HessianAccumulator(1024)
+        ref.add_batch(Xd[:3].float().numpy().astype(np.float64))
+        ref.add_batch(Xd[3].float().numpy().astype(np.float64))
+        assert acc.H.dtype == torch.float32 and acc.H.is_cuda and acc.nsamples == 4
+        np.testing.assert_allclose(np_(acc.H), ref.H, rtol=2e-5, atol=2e-5 * np.abs(ref.H).max(), err_msg=str(dtype))
+
+
+@gpu
+@needs_cuda
+def test_gpu_no_global_state_change_with_tf32_requested():
+    cm = torch.backends.cuda.matmul
+    old = cm.allow_tf32
+    cm.allow_tf32 = True  # a user who wants TF32 elsewhere: GPTQ must not use it, and must leave it on
+    try:
+        before = _global_state()
+        W, H = make_W(32, 512, seed=8), make_H(512, seed=8)
+        got = TB_.gptq(torch.from_numpy(W).cuda(), torch.from_numpy(H).cuda(), rq.QuantSpec(4, 128))
+        assert _global_state() == before and cm.allow_tf32 is True
+        assert_gptq_parity(got, rq.gptq(W, H, rq.QuantSpec(4, 128)), W, H, "tf32 requested")
+    finally:
+        cm.allow_tf32 = old
+
+
+@gpu
+@needs_cuda
+def test_gpu_benchmark():
+    t = TB.benchmark_gptq(4096, 4096, 128, "cuda", repeats=1)
+    assert 0 < t < 60
+
+
+@gpu
+@needs_cuda
+def test_gpu_cupy_backend_is_the_reference():
+    cupy = pytest.importorskip("cupy")
+    cb = get_backend("cupy")
+    W = make_W(5, 4096, seed=1, zero_row=True)
+    for spec in RTN_SPECS:
+        a, b = cb.rtn(W, spec), rq.rtn(W, spec)
+        assert isinstance(a.codes, cupy.ndarray)
+        same = float((a.codes.get() == b.codes).mean())
+        assert same == 1.0 or (spec.mse and same >= 0.999), spec  # MSE: pow() may differ in the last ulp
+    for name in ("b4-g128-asym", "b2-g32-actorder", "b4-g100-static-actorder", "b3-g32-dead"):
+        Wn, Hn, spec, kw, ref = gptq_case(name)
+        got = cb.gptq(Wn, Hn, spec, **kw)
+        assert float((got.codes.get() == ref.codes).mean()) >= CODES_MIN, name
+        assert got.info["loss"] == pytest.approx(ref.info["loss"], rel=1e-3), name
+        np.testing.assert_array_equal(got.g_idx.get(), ref.g_idx)
+    H = np.array([[1.0, 2.0], [2.0, 1.0]])
+    with pytest.raises(rq.HessianNotPositiveDefinite):  # needs cupyx.errstate(linalg="raise")
+        cb.gptq(np.ones((2, 2)), H, rq.QuantSpec(4))
+    acc = cb.hessian_accumulator(64)
+    X = np.random.default_rng(0).standard_normal((3, 10, 64))
+    acc.add_batch(X)
+    np.testing.assert_allclose(acc.H.get(), rq.hessian(X), rtol=1e-12, atol=1e-12)
