@@ -134,8 +134,8 @@ def test_committed_config_architecture():
     tok = tokenizers.Tokenizer.from_file(str(GOLDEN / "tokenizer.json"))
     assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
     assert cfg["num_attention_heads"] == 4 * cfg["num_key_value_heads"]  # GQA ratio 4
-    theta = cfg.get("rope_parameters", {}).get("rope_theta", cfg.get("rope_theta"))
-    assert theta == 500000.0
+    assert cfg.get("rope_parameters", {}).get("rope_theta", cfg["rope_theta"]) == 500000.0
+    assert cfg["rope_theta"] == 500000.0  # top-level copy for transformers 4.x
     assert cfg.get("rope_parameters", {}).get("rope_type", "default") == "default"
     assert cfg["rms_norm_eps"] == 1e-5
     assert cfg["tie_word_embeddings"] is False
@@ -347,7 +347,9 @@ def test_smoke_training_loss_decreases_and_reloads(smoke_run, small_tok_dir):
 
     cfg = json.loads((out / "config.json").read_text())
     assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16" and cfg["tie_word_embeddings"] is False
+    assert cfg["rope_theta"] == 500000.0
     model = LlamaForCausalLM.from_pretrained(str(out))
+    assert model.model.rotary_emb.inv_freq[1].item() == pytest.approx(500000.0 ** (-2 / 16))
     assert model.dtype == torch.bfloat16
     assert model.config.num_attention_heads == 4 * model.config.num_key_value_heads
     tok = AutoTokenizer.from_pretrained(str(out))

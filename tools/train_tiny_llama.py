@@ -146,6 +146,20 @@ def init_model(config, seed: int):
     return model.float()
 
 
+def add_legacy_rope_theta(config_json: str | os.PathLike) -> None:
+    """Also write the top-level ``rope_theta`` that transformers 4.x reads. transformers 5 writes only
+    ``rope_parameters`` (and ignores the extra key when loading), so without it a 4.x install would
+    silently fall back to theta 10000."""
+    import json
+
+    path = Path(config_json)
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None and "rope_theta" not in cfg:
+        cfg["rope_theta"] = theta
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -407,6 +421,7 @@ def train(out: str | os.PathLike, data: str | os.PathLike = DEFAULT_DATA_OUT,
 
     with atomic_output_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        add_legacy_rope_theta(tmp / "config.json")
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
                 shutil.copyfile(tokenizer_dir / name, tmp / name)
@@ -445,6 +460,7 @@ def write_config(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike = 
     written = []
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
+        add_legacy_rope_theta(Path(tmp) / "config.json")
         for name in ("config.json", "generation_config.json"):
             if (Path(tmp) / name).is_file():
                 shutil.copyfile(Path(tmp) / name, out_dir / name)
