@@ -307,21 +307,30 @@ def _quantize_by_groups(W, S, Z, group_size: int | None, maxq: int):
 _OUT_DTYPE_OK: dict = {}
 
 
+def _out_dtype_works(device, dtype) -> bool:
+    """Once per (device, dtype): does ``torch.addmm(..., out_dtype=float32)`` exist and agree with upcasting?"""
+    key = (str(device), dtype)
+    if key not in _OUT_DTYPE_OK:
+        ok = False
+        try:
+            gen = torch.Generator(device="cpu").manual_seed(1234)  # private: the global RNG is untouched
+            X = torch.randn(96, 40, generator=gen).to(device=device, dtype=dtype)
+            H0 = torch.randn(40, 40, generator=gen).to(device)
+            got = torch.addmm(H0, X.t(), X, beta=0.5, alpha=0.25, out_dtype=torch.float32)
+            Xf = X.float()
+            want = torch.addmm(H0, Xf.t(), Xf, beta=0.5, alpha=0.25)
+            ok = got.dtype == torch.float32 and bool(torch.allclose(got, want, rtol=1e-5, atol=1e-4))
+        except (TypeError, RuntimeError, NotImplementedError):
+            ok = False
+        _OUT_DTYPE_OK[key] = ok
+    return _OUT_DTYPE_OK[key]
+
+
 def _addmm_lowp(H, X, beta: float, alpha: float):
-    """``beta * H + alpha * X^T X`` with fp32 output for bf16/fp16 X on CUDA, or None if unsupported."""
-    key = (X.device, X.dtype)
-    if _OUT_DTYPE_OK.get(key) is False:
+    """``beta * H + alpha * X^T X`` as a bf16/fp16 GEMM with fp32 output, or None if torch lacks it."""
+    if not _out_dtype_works(X.device, X.dtype):
         return None
-    try:
-        out = torch.addmm(H, X.t(), X, beta=beta, alpha=alpha, out_dtype=torch.float32)
-    except (TypeError, RuntimeError, NotImplementedError):
-        _OUT_DTYPE_OK[key] = False
-        return None
-    if out.dtype != torch.float32:
-        _OUT_DTYPE_OK[key] = False
-        return None
-    _OUT_DTYPE_OK[key] = True
-    return out
+    return torch.addmm(H, X.t(), X, beta=beta, alpha=alpha, out_dtype=torch.float32)
 
 
 class TorchHessianAccumulator:
@@ -400,7 +409,9 @@ def upper_cholesky_of_inverse(H):
     eye = torch.eye(n, dtype=H.dtype, device=H.device)
     Linv = torch.linalg.solve_triangular(L, eye, upper=False)
     del L, eye
-    U = torch.triu(Linv.flip(0, 1))
+    U = Linv.flip(0, 1)  # a copy
+    del Linv
+    U.triu_()  # exact zeros below the diagonal (the kernel relies on U[i, :i] == 0)
     if not bool(torch.isfinite(U).all()) or not bool((U.diagonal() > 0).all()):
         return None
     return U
