@@ -113,8 +113,8 @@ if HAVE_TRITON:
             q = s * (code - z)
             d = tl.load(U_ptr + i * stride_ur + i * stride_uc, mask=active, other=1.0)
             e = tl.math.div_rn(w - q, d)
-            u = tl.load(U_ptr + i * stride_ur + offs_c * stride_uc, mask=cmask & active, other=0.0)
-            tile = tile - e[:, None] * u[None, :]
+            u = tl.load(U_ptr + i * stride_ur + offs_c[None, :] * stride_uc, mask=cmask[None, :] & active, other=0.0)
+            tile = tile - e[:, None] * u  # u is [1, BLOCK_C] in the tile's layout (no conversion)
             err_tile = tl.where(sel, e[:, None], err_tile)
             code_tile = tl.where(sel, code[:, None], code_tile)
 
@@ -123,12 +123,20 @@ if HAVE_TRITON:
 
 
 def launch_config(rows: int, block_c: int) -> tuple[int, int]:
-    """``(BLOCK_R, num_warps)``: row tiles small enough for >= ~2 programs per H200 SM (132 SMs)."""
-    block_r = CONFIG["block_r"] or (16 if block_c <= 128 else 8)
+    """``(BLOCK_R, num_warps)`` of a launch.
+
+    One warp per program: Triton lays a ``[BLOCK_R, BLOCK_C]`` tile out with the warps along the
+    columns (the runtime column mask prevents vectorised loads), so with several warps every
+    column's row sum would cross warps (shared memory + barriers, 128 times per block). With one
+    warp the sums are shuffles only (checked in the sm_90 PTX: no bar.sync, no shared memory).
+    ``BLOCK_R`` 4 (2 for blocks wider than 128 columns) keeps ~100 registers per thread (sm_90
+    ptxas, no spills); it is halved while there are fewer than 264 programs (2 per H200 SM).
+    """
+    block_r = CONFIG["block_r"] or (4 if block_c <= 128 else 2)
     if CONFIG["block_r"] is None:
-        while block_r > 2 and -(-rows // block_r) < 264:
+        while block_r > 1 and -(-rows // block_r) < 264:
             block_r //= 2
-    num_warps = CONFIG["num_warps"] or (4 if block_r * block_c >= 2048 else 2)
+    num_warps = CONFIG["num_warps"] or 1
     return block_r, num_warps
 
 

@@ -551,6 +551,44 @@ def test_triton_kernel_in_interpreter_equals_torch_fallback():
     assert out and all(out.values()), out
 
 
+def test_triton_kernel_compiles_for_sm90_with_ieee_arithmetic():
+    """Ahead-of-time compile (no GPU needed): the PTX has no FMA contraction, IEEE division, and at the
+    default launch config no barriers / shared memory in the column loop (one warp per program)."""
+    triton = pytest.importorskip("triton")
+    if GK.interpreting():
+        pytest.skip("interpreter mode")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton has no ahead-of-time compile API")
+    fn = GK._gptq_block_kernel
+    ones = {"stride_wc": 1, "stride_uc": 1, "stride_sg": 1, "stride_qc": 1, "stride_ec": 1}  # as launched
+
+    def kind(n):
+        if n.startswith("BLOCK") or n in ones:
+            return "constexpr"
+        if n.endswith("_ptr"):
+            return {"G_ptr": "*i64", "Q_ptr": "*u8"}.get(n, "*fp32")
+        return "fp32" if n == "maxq" else "i32"
+
+    sig = {n: kind(n) for n in fn.arg_names}
+    for rows, block_c in [(4096, 128), (1024, 128), (4096, 256)]:
+        block_r, num_warps = GK.launch_config(rows, block_c)
+        src = ASTSource(fn=fn, signature=sig, constexprs={"BLOCK_R": block_r, "BLOCK_C": block_c, **ones})
+        try:
+            k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": num_warps, "enable_fp_fusion": False})
+        except Exception as e:  # noqa: BLE001 - a toolchain problem, not a kernel bug, is a skip
+            if "ptxas" in str(e).lower() or "not found" in str(e).lower():
+                pytest.skip(f"no CUDA toolchain for ahead-of-time compile: {e}")
+            raise
+        ptx = k.asm["ptx"]
+        assert "fma.rn.f32" not in ptx and "div.full" not in ptx and "div.approx" not in ptx
+        assert "div.rn.f32" in ptx and "mul.rn.f32" in ptx
+        assert "bar.sync" not in ptx and "st.shared" not in ptx, (rows, block_c, block_r, num_warps)
+
+
 def test_kernel_dispatch_without_triton_device():
     # on a CPU tensor without interpreter mode the torch path runs (and use_triton=False forces it anywhere)
     assert not GK.triton_usable(torch.device("cpu")) or GK.interpreting()
