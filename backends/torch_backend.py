@@ -642,12 +642,14 @@ class TorchBackend(Backend):
 
 def benchmark_gptq(rows: int, cols: int, group_size: int | None = 128, device="cuda", *, bits: int = 4,
                    act_order: bool = False, blocksize: int = 128, repeats: int = 3, use_triton: bool | None = None,
-                   seed: int = 0) -> float:
+                   seed: int = 0, detail: bool = False):
     """Median wall time in seconds of one ``TorchBackend().gptq`` call on a (rows, cols) layer.
 
     W ~ N(0, 0.02^2); H = B B^T / r + diag, a rank-r factor model with lognormal channel scales
     (cheap to build at 28672 columns; dense, correlated, positive definite). One warm-up call
     (Triton compilation) is not timed. Uses a private generator: the global RNG is untouched.
+    ``detail=True`` returns ``{"total", "factor", "blocks"}`` (medians): the whole call, the H
+    preparation (damping, U) and the block loop (kernel + lazy updates) timed separately.
     """
     device = torch.device(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -668,10 +670,27 @@ def benchmark_gptq(rows: int, cols: int, group_size: int | None = 128, device="c
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     once()
-    times = []
+    times, factor, blocks = [], [], []
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
         once()
         times.append(time.perf_counter() - t0)
+        if detail:
+            with torch.no_grad(), ieee_fp32():
+                t0 = time.perf_counter()
+                prep = _prepare(H, cols, device, 0.01, act_order, None, 0.01, f"{rows}x{cols}")
+                sync()
+                t1 = time.perf_counter()
+                _gptq_rows(W.clone(), prep, spec, blocksize, False, use_triton)
+                sync()
+                factor.append(t1 - t0)
+                blocks.append(time.perf_counter() - t1)
+    if detail:
+        return {"total": statistics.median(times), "factor": statistics.median(factor),
+                "blocks": statistics.median(blocks)}
     return statistics.median(times)

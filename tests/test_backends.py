@@ -601,6 +601,8 @@ def test_kernel_dispatch_without_triton_device():
 def test_benchmark_cpu_smoke():
     t = TB.benchmark_gptq(8, 256, 128, "cpu", repeats=1)
     assert isinstance(t, float) and t > 0
+    d = TB.benchmark_gptq(8, 256, 64, "cpu", repeats=1, act_order=True, detail=True)
+    assert set(d) == {"total", "factor", "blocks"} and all(v > 0 for v in d.values())
 
 
 # ------------------------------------------------------------------------------------------
@@ -707,6 +709,8 @@ def test_gpu_no_global_state_change_with_tf32_requested():
 def test_gpu_benchmark():
     t = TB.benchmark_gptq(4096, 4096, 128, "cuda", repeats=1)
     assert 0 < t < 60
+    d = TB.benchmark_gptq(14336, 4096, 128, "cuda", repeats=1, detail=True)
+    assert all(0 < v < 60 for v in d.values())
 
 
 @gpu
