@@ -3,13 +3,13 @@
 Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
 Pre-trained Transformers", ICLR 2023. Faithful to ``GPTQ.fasterquant`` of IST-DASLab/gptq:
 
-* eq. (2)-(3) (OBQ step): quantize column ``j``, ``err = (w_j - q_j) / [H_F^-1]_jj`` and
-  ``W_F <- W_F - err [H_F^-1]_{j,F}``;
-* Sec. 3 "Step 3: Cholesky reformulation", eq. (5): the rows of ``H_F^-1`` needed in that order
-  are the rows of the *upper Cholesky factor* ``U`` of ``H^-1`` (``H^-1 = U^T U``), so
+* eq. (2)-(3) (the OBQ step): quantize column ``j``, ``err = (w_j - q_j) / [H_F^-1]_jj`` and
+  ``W_F <- W_F - err [H_F^-1]_{j,F}``, then remove ``j`` from ``H^-1`` by Gaussian elimination;
+* Sec. 3 "Step 3: Cholesky reformulation" (no equation number): the rows of ``H_F^-1`` needed in
+  that order are the rows of the *upper Cholesky factor* ``U`` of ``H^-1`` (``H^-1 = U^T U``), so
   ``d = U[j, j]`` (not ``[H^-1]_jj``) and the update row is ``U[j, j:]``;
-* Sec. 3 "Step 2: lazy batch-updates", eq. (4): updates inside a block of ``blocksize`` columns
-  are applied at once; the rest of W receives ``Err_block @ U[block, later]`` after each block;
+* Sec. 3 "Step 2: lazy batch-updates", eq. (4)-(5): updates inside a block of ``blocksize``
+  columns are applied at once; the rest of W receives ``Err_block @ U[block, later]`` after each block;
 * damping: ``H + percdamp * mean(diag H) * I`` (relative);
 * "dead" inputs (``H[j, j] == 0``): ``H[j, j] = 1`` and ``W[:, j] = 0``;
 * act-order (README of the original; the ``desc_act`` of AutoGPTQ): columns in order of
@@ -27,6 +27,8 @@ See ``docs/methods/gptq.md`` for every place this follows the code rather than t
 from __future__ import annotations
 
 import logging
+
+import numpy as np
 
 from ._checks import check_square
 from ._xp import namespace
@@ -46,8 +48,8 @@ def upper_cholesky_of_inverse(H):
     Raises ``numpy.linalg.LinAlgError`` (or CuPy's equivalent) when H is not positive definite.
     """
     xp = namespace(H)
-    L = xp.linalg.cholesky(H)
-    if not bool(xp.isfinite(L).all()):  # CuPy signals failure with NaN instead of raising
+    L = xp.linalg.cholesky(H)  # CuPy raises only inside cupyx.errstate(linalg="raise") (the cupy backend sets it)
+    if not bool(xp.isfinite(L).all()):
         raise xp.linalg.LinAlgError("Cholesky factor has non-finite entries")
     Linv = xp.linalg.inv(L)
     Hinv = Linv.T @ Linv
@@ -113,10 +115,13 @@ def gptq(W, H, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01, ac
     xp = namespace(W, H)
     rows, columns = W.shape
     check_square(H, columns, "H")
-    if int(blocksize) < 1:
-        raise ValueError(f"blocksize must be >= 1; got {blocksize}.")
-    if not percdamp >= 0:
-        raise ValueError(f"percdamp must be >= 0; got {percdamp}.")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)) or blocksize < 1:
+        raise ValueError(f"blocksize must be an integer >= 1; got {blocksize!r}.")
+    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float, np.floating)) or not percdamp >= 0:
+        raise ValueError(f"percdamp must be a number >= 0 (a fraction of mean(diag H)); got {percdamp!r}.")
+    for flag, value in (("act_order", act_order), ("static_groups", static_groups)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{flag} must be True or False; got {value!r}.")
     gs, maxq = spec.group_size, spec.maxq
     if static_groups and gs is None:
         raise ValueError("static_groups=True needs a group_size.")

@@ -28,8 +28,8 @@ class HessianAccumulator:
     """
 
     def __init__(self, in_features: int, dtype=np.float64, xp=np):
-        if int(in_features) < 1:
-            raise ValueError(f"in_features must be >= 1; got {in_features}.")
+        if isinstance(in_features, bool) or not isinstance(in_features, (int, np.integer)) or in_features < 1:
+            raise ValueError(f"in_features must be an integer >= 1; got {in_features!r}.")
         self.in_features = int(in_features)
         self.H = xp.zeros((self.in_features, self.in_features), dtype=dtype)
         self.nsamples = 0

@@ -78,7 +78,7 @@ class QuantSpec:
                 "Use 16 (no quantization) at the CLI level, not here."
             )
         if self.group_size is not None:
-            if isinstance(self.group_size, bool) or int(self.group_size) != self.group_size or self.group_size < 1:
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, (int, np.integer)) or self.group_size < 1:
                 raise ValueError(
                     f"group_size must be a positive integer or None (per output channel); got {self.group_size!r}. "
                     "The original's -1 is spelled None here."

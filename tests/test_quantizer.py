@@ -359,17 +359,18 @@ def test_quantspec_rejects_bad_arguments(kwargs):
         rq.QuantSpec(**kwargs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="QuantSpec accepts group_size=128.0 (int(128.0) == 128.0) and stores a float; "
-    "group_slices then fails with TypeError inside rtn/gptq instead of a ValueError up front.",
-)
-def test_quantspec_float_group_size_is_rejected_or_works():
-    try:
-        spec = rq.QuantSpec(bits=4, group_size=128.0)
-    except ValueError:
-        return
-    rq.rtn(np.ones((2, 256)), spec)  # must then work end to end
+def test_quantspec_float_group_size_is_rejected():
+    """group_size=128.0 used to be stored as a float and fail later with a TypeError."""
+    with pytest.raises(ValueError, match="group_size"):
+        rq.QuantSpec(bits=4, group_size=128.0)
+
+
+@pytest.mark.parametrize("kwargs", [{"blocksize": 2.5}, {"blocksize": True}, {"percdamp": "0.01"},
+                                    {"act_order": "yes"}, {"static_groups": 1}])
+def test_gptq_rejects_mistyped_arguments(kwargs):
+    W, H = np.ones((2, 8)), np.eye(8)
+    with pytest.raises(ValueError):
+        rq.gptq(W, H, rq.QuantSpec(bits=4), **kwargs)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
