@@ -394,23 +394,39 @@ class TorchHessianAccumulator:
 # GPTQ
 # --------------------------------------------------------------------------------------------
 
+FP64_FACTOR_MAX = 16384
+"""Largest H (n x n) factored in float64; above it (LLaMA3-70B down_proj, n = 28672) float32, which
+keeps the factorization's workspace (2 n^2 doubles otherwise) inside the 70B memory budget."""
+SOLVE_CHUNK = 2048
+
+
 def upper_cholesky_of_inverse(H):
-    """``U`` upper triangular with ``H^-1 = U^T U``, or None when H is not positive definite.
+    """``U`` upper triangular with ``H^-1 = U^T U`` (float32), or None when H is not positive definite.
 
     With ``P`` the reversal permutation and ``L = chol(P H P)`` (lower): ``H = (P L P)(P L P)^T``
     with ``P L P`` upper triangular, so ``H^-1 = U^T U`` for ``U = (P L P)^-1 = P L^-1 P`` (upper,
     positive diagonal, hence *the* Cholesky factor the original gets from chol -> cholesky_inverse
-    -> chol(upper)). One Cholesky and one triangular inverse instead of two Choleskys and an inverse.
+    -> chol(upper)). One Cholesky and one triangular solve instead of two Choleskys and an inverse.
+
+    The factorization runs in float64 for ``n <= FP64_FACTOR_MAX`` (fp32 factors of ill-conditioned
+    Hessians cost GPTQ parity on the GPU: 99.7% identical codes on a test case, 100% with fp64) and
+    ``L^-1`` is solved in column chunks written straight into ``U``, so the workspace is ``L`` plus
+    one chunk.
     """
     n = H.shape[0]
-    L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
+    work = torch.float64 if n <= FP64_FACTOR_MAX else H.dtype
+    L, info = torch.linalg.cholesky_ex(H.flip(0, 1).to(work))
     if int(info) != 0 or not bool(torch.isfinite(L).all()):
         return None
-    eye = torch.eye(n, dtype=H.dtype, device=H.device)
-    Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-    del L, eye
-    U = Linv.flip(0, 1)  # a copy
-    del Linv
+    U = torch.empty((n, n), dtype=torch.float32, device=H.device)
+    for j0 in range(0, n, SOLVE_CHUNK):
+        j1 = min(j0 + SOLVE_CHUNK, n)
+        rhs = torch.zeros((n, j1 - j0), dtype=work, device=H.device)
+        rhs[j0:j1].fill_diagonal_(1.0)
+        X = torch.linalg.solve_triangular(L, rhs, upper=False)  # columns j0..j1 of L^-1
+        U[:, n - j1:n - j0] = X.flip(0, 1).to(torch.float32)    # U = P L^-1 P
+        del rhs, X
+    del L
     U.triu_()  # exact zeros below the diagonal (the kernel relies on U[i, :i] == 0)
     if not bool(torch.isfinite(U).all()) or not bool((U.diagonal() > 0).all()):
         return None

@@ -230,12 +230,53 @@ def _c4_source(path, max_docs: int | None) -> Source:
     return Source("c4/train", docs, prov)
 
 
+def c4_unreachable_source(encode: Callable[[str], list[int]], data_dir=None, load_rows: RowsLoader | None = None,
+                          seqlen: int = 2048) -> Source:
+    """C4 validation documents that neither C4 evaluation protocol of refquant can ever read.
+
+    ``c4-new`` reads documents ``0 .. C4_NEW_DOCS-1`` only; ``c4`` (the GPTQ protocol) samples only
+    documents with ``>= seqlen`` tokens under the model's tokenizer. The documents with index
+    ``>= C4_NEW_DOCS`` and fewer than ``seqlen`` tokens are therefore unreachable by both, and are
+    the only C4 text available here to make C4 in-domain for the tiny model (no C4 *train* shard
+    exists in shared/data). The selection is re-checked against the documents the ``c4`` protocol
+    actually draws.
+    """
+    from refquant import data as rqdata
+
+    load_rows = load_rows or _default_load_rows()
+    rows, info = load_rows("c4", "validation", data_dir=data_dir)
+    lengths = [len(encode(doc)) for doc in rows]
+    chosen = [i for i in range(rqdata.C4_NEW_DOCS, len(rows)) if lengths[i] < seqlen]
+    _, eval_info = rqdata.get_eval_tokens("c4", encode, seqlen=seqlen, data_dir=data_dir)
+    overlap = set(chosen) & set(eval_info["documents"])
+    if overlap:  # cannot happen by construction; a guard against a changed protocol
+        raise RuntimeError(f"C4 training documents {sorted(overlap)[:5]} are read by the c4 evaluation protocol.")
+    docs = [rows[i] for i in chosen]
+    prov = {
+        "dataset": "c4",
+        "split": "validation (documents unreachable by the c4 and c4-new evaluation protocols)",
+        "loader_info": _jsonable(info),
+        "input_sha256": _maybe_sha256_file(info.get("source")),
+        "selection": f"index >= {rqdata.C4_NEW_DOCS} (c4-new reads 0..{rqdata.C4_NEW_DOCS - 1}) and fewer than "
+                     f"{seqlen} tokens (the c4 protocol only samples documents with >= {seqlen})",
+        "documents": chosen,
+        "n_documents": len(docs),
+        "join": "one BOS ... EOS sequence per document",
+        "n_chars": sum(len(d) for d in docs),
+        "text_sha256": sha256_texts(docs),
+    }
+    return Source("c4/validation-unreachable", docs, prov)
+
+
 def training_sources(data_dir=None, load_rows: RowsLoader | None = None, c4_train=None, c4_max_docs=None,
-                     max_rows: int | None = None) -> list[Source]:
+                     max_rows: int | None = None, c4_unreachable_encode=None) -> list[Source]:
     """WikiText-2 train (the tokenized stand-in where the raw split is missing) + PTB train
-    [+ a user-supplied C4 train shard]. ``max_rows`` keeps the first rows/documents of each source."""
+    [+ C4 validation documents no evaluation protocol reads] [+ a user-supplied C4 train shard].
+    ``max_rows`` keeps the first rows/documents of each source."""
     load_rows = load_rows or _default_load_rows()
     sources = [_row_source(d, s, data_dir, load_rows, max_rows) for d, s in TRAIN_SOURCES]
+    if c4_unreachable_encode is not None:
+        sources.append(c4_unreachable_source(c4_unreachable_encode, data_dir, load_rows))
     if c4_train is not None:
         limit = c4_max_docs if max_rows is None else min(x for x in (c4_max_docs, max_rows) if x is not None)
         sources.append(_c4_source(c4_train, limit))
@@ -314,12 +355,13 @@ def to_uint16(arr: np.ndarray, vocab_size: int) -> np.ndarray:
 def prepare(out: str | os.PathLike = DEFAULT_DATA_OUT, tokenizer_dir: str | os.PathLike = DEFAULT_TOKENIZER_DIR,
             data_dir=None, load_rows: RowsLoader | None = None, c4_train=None, c4_max_docs: int | None = None,
             max_rows: int | None = None, overwrite: bool = False, argv: Sequence[str] | None = None,
-            log: Callable[[str], None] = print) -> dict:
+            log: Callable[[str], None] = print, c4_unreachable: bool = False) -> dict:
     """Write the token files and their provenance JSON into ``out`` (atomically); return the JSON."""
     check_output_dir(out, overwrite)
     tok, tok_path = load_tokenizer(tokenizer_dir)
     bos, eos = special_ids(tok)
-    train_src = training_sources(data_dir, load_rows, c4_train, c4_max_docs, max_rows)
+    encode = (lambda text: tok.encode(text).ids) if c4_unreachable else None  # BOS included, as refquant.data
+    train_src = training_sources(data_dir, load_rows, c4_train, c4_max_docs, max_rows, encode)
     val_src = validation_sources(data_dir, load_rows, max_rows)
 
     arrays: dict[str, np.ndarray] = {}
@@ -363,8 +405,9 @@ def prepare(out: str | os.PathLike = DEFAULT_DATA_OUT, tokenizer_dir: str | os.P
             "sources": [s.provenance for s in val_src],
         },
         "not_used": (
-            "C4 validation documents (c4/c4-validation.*): they are the C4 evaluation set. No C4 train shard "
-            "exists in shared/data, so the model is trained on WikiText-2 + PTB only unless --c4-train is given."
+            "C4 validation documents that an evaluation protocol can read (c4: documents with >= 2048 tokens; "
+            "c4-new: the first 1100). No C4 train shard exists in shared/data; with --c4-unreachable-validation "
+            "(the committed model) only the documents neither protocol can read are trained on."
         ),
         "caveats": [s.provenance["loader_info"]["caveat"] for s in train_src + val_src
                     if isinstance(s.provenance.get("loader_info"), dict) and "caveat" in s.provenance["loader_info"]],
@@ -446,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "C4 validation files are refused")
     p.add_argument("--c4-max-docs", type=int, default=None,
                    help="use only the first N documents of --c4-train (keep the carry folder small)")
+    p.add_argument("--c4-unreachable-validation", action="store_true",
+                   help="also train on the C4 validation documents that neither C4 evaluation protocol reads "
+                        "(index >= 1100 and < 2048 tokens); used for the committed model")
     p.add_argument("--max-rows", type=int, default=None, help="first N rows of each source only (quick tests)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return p
@@ -454,7 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prepare(out=args.out, tokenizer_dir=args.tokenizer_dir, data_dir=args.data_dir, c4_train=args.c4_train,
-            c4_max_docs=args.c4_max_docs, max_rows=args.max_rows, overwrite=args.overwrite, argv=argv)
+            c4_max_docs=args.c4_max_docs, max_rows=args.max_rows, overwrite=args.overwrite, argv=argv,
+            c4_unreachable=args.c4_unreachable_validation)
     return 0
 
 
