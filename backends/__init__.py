@@ -73,6 +73,8 @@ _REGISTRY = {
 
 #: Extra modules imported by :func:`get_backend` after the backend module (they register methods).
 EXTENSIONS: dict[str, list[str]] = {name: [] for name in _REGISTRY}
+EXTENSIONS["numpy"].append("backends.pipeline_ops")
+EXTENSIONS["torch"].append("backends.pipeline_ops")
 
 _INSTANCES: dict[str, Backend] = {}
 

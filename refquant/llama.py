@@ -221,12 +221,12 @@ def head(model: LlamaModel, h: np.ndarray) -> np.ndarray:
     return rms_norm(h, model.norm, model.config.rms_norm_eps) @ model.lm_head.T
 
 
-def forward(model: LlamaModel, ids: np.ndarray, hooks: LinearHooks = NO_HOOKS) -> np.ndarray:
-    """Logits (B, T, vocab) of token ids (B, T)."""
+def forward(model: LlamaModel, ids: np.ndarray, hooks: LinearHooks | Callable[[int], LinearHooks] = NO_HOOKS) -> np.ndarray:
+    """Logits (B, T, vocab) of token ids (B, T); ``hooks`` for every layer, or ``i -> hooks`` per layer."""
     h = embed(model, ids)
     cos, sin = rope_tables(model.config, h.shape[1])
-    for layer in model.layers:
-        h = decoder_layer(layer, h, model.config, cos, sin, hooks)
+    for i, layer in enumerate(model.layers):
+        h = decoder_layer(layer, h, model.config, cos, sin, hooks(i) if callable(hooks) else hooks)
     return head(model, h)
 
 

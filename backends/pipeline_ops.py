@@ -1,0 +1,163 @@
+"""Operations the layer-wise pipeline needs besides RTN/GPTQ, for the numpy and torch backends.
+
+* ``channel_stats(kinds, in_features, device=None)``: calibration statistics of one linear input
+  (:mod:`refquant.stats`: Hessian, channel absmax, mean |x|, min/max/mean, kept inputs);
+* ``quantize_activation(x, bits, mode, static_scale)``: SmoothQuant's activation fake quantization
+  (:func:`refquant.actquant.quantize_activation`);
+* ``static_act_scale(absmax, bits)``: the per-tensor static step from a calibration absmax;
+* ``to_numpy(x)`` / ``like(a, ref)``: move small vectors between the backend and the reference.
+
+The numpy versions *are* the reference functions. The torch versions compute the same statistics
+in float32/float64 torch on the activations' device (they run inside the calibration forward,
+where a host round trip per batch would dominate); their parity with the reference is tested in
+``tests/test_pipeline_ops.py``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from refquant import actquant
+from refquant.stats import KINDS, ChannelStats
+
+from .numpy_backend import NumpyBackend
+
+
+def _np_channel_stats(self, kinds, in_features: int, device=None):
+    return ChannelStats(kinds, in_features)
+
+
+def _np_quantize_activation(self, x, bits: int, mode: str = "per_token", static_scale: float | None = None):
+    return actquant.quantize_activation(x, bits, mode, static_scale)
+
+
+def _np_static_act_scale(self, absmax, bits: int) -> float:
+    return actquant.static_scale_from_absmax(float(np.max(self.asarray(absmax))), bits)
+
+
+def _np_to_numpy(self, x):
+    return self.asarray(x)
+
+
+def _np_like(self, a, ref=None):
+    return np.asarray(a, dtype=np.float64)
+
+
+for _name, _fn in (("channel_stats", _np_channel_stats), ("quantize_activation", _np_quantize_activation),
+                   ("static_act_scale", _np_static_act_scale), ("to_numpy", _np_to_numpy), ("like", _np_like)):
+    NumpyBackend.register(_name, replace=True)(_fn)
+
+
+# --------------------------------------------------------------------------------------------- torch
+
+try:
+    import torch
+except ImportError:  # the numpy backend works without torch
+    torch = None
+
+if torch is not None:
+    from .torch_backend import TorchBackend, TorchHessianAccumulator
+
+    class TorchChannelStats:
+        """:class:`refquant.stats.ChannelStats` in torch, on the activations' device.
+
+        Hessian: :class:`TorchHessianAccumulator` (fp32). absmax / min / max: exact in the input
+        dtype. Sums for mean |x| and E[x]: fp32 per batch, accumulated in float64. Kept inputs stay
+        in their dtype, on ``keep_device`` (default: where they come from).
+        """
+
+        def __init__(self, kinds, in_features: int, device=None, keep_device=None):
+            unknown = set(kinds) - set(KINDS)
+            if unknown:
+                raise ValueError(f"unknown statistic(s) {sorted(unknown)}; known: {KINDS}.")
+            self.kinds = tuple(kinds)
+            self.in_features = int(in_features)
+            self.device = device
+            self.keep_device = keep_device
+            self._hessian = None
+            self.absmax = None
+            self._abs_sum = None
+            self.x_min = self.x_max = self.x_sum = None
+            self._inputs = []
+            self.tokens = 0
+
+        def add(self, x) -> None:
+            if x.shape[-1] != self.in_features:
+                raise ValueError(f"input has {x.shape[-1]} channels; these statistics are for {self.in_features}.")
+            flat = x.detach().reshape(-1, self.in_features)
+            if "H" in self.kinds:
+                if self._hessian is None:
+                    self._hessian = TorchHessianAccumulator(self.in_features, device=x.device)
+                self._hessian.add_batch(x.detach() if x.ndim >= 2 else flat)
+            if "absmax" in self.kinds:
+                m = flat.abs().amax(dim=0).float()
+                self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
+            if "mean_abs" in self.kinds:
+                s = flat.abs().float().sum(dim=0).double()
+                self._abs_sum = s if self._abs_sum is None else self._abs_sum + s
+            if "minmax" in self.kinds or "mean" in self.kinds:
+                lo, hi = flat.amin(dim=0).double(), flat.amax(dim=0).double()
+                total = flat.float().sum(dim=0).double()
+                if self.x_min is None:
+                    self.x_min, self.x_max, self.x_sum = lo, hi, total
+                else:
+                    self.x_min = torch.minimum(self.x_min, lo)
+                    self.x_max = torch.maximum(self.x_max, hi)
+                    self.x_sum = self.x_sum + total
+            if "inputs" in self.kinds:
+                kept = x.detach()
+                self._inputs.append(kept if self.keep_device is None else kept.to(self.keep_device))
+            self.tokens += flat.shape[0]
+
+        @property
+        def H(self):
+            return self._hessian.H
+
+        @property
+        def mean_abs(self):
+            return self._abs_sum / self.tokens
+
+        @property
+        def range_stats(self):
+            from refquant.aweq import ActivationStats
+
+            return ActivationStats(count=self.tokens, x_min=self.x_min.cpu().numpy(), x_max=self.x_max.cpu().numpy(),
+                                   x_sum=self.x_sum.cpu().numpy())
+
+        @property
+        def inputs(self):
+            return torch.cat(self._inputs, dim=0)
+
+    def _t_channel_stats(self, kinds, in_features: int, device=None, keep_device=None):
+        return TorchChannelStats(kinds, in_features, device, keep_device)
+
+    def _t_quantize_activation(self, x, bits: int, mode: str = "per_token", static_scale: float | None = None):
+        """SmoothQuant ``quantize_activation_per_{token,tensor}_absmax`` in fp32, returned in x's dtype."""
+        if mode not in actquant.MODES:
+            raise ValueError(f"mode must be one of {actquant.MODES}; got {mode!r}.")
+        qmax = 2 ** (int(bits) - 1) - 1
+        xf = x.float()
+        if static_scale is not None:
+            scale = torch.tensor(float(static_scale), device=x.device)
+            q = torch.clamp(torch.round(xf / scale), -qmax, qmax)
+        else:
+            absmax = xf.abs().amax(dim=-1, keepdim=True) if mode == "per_token" else xf.abs().amax()
+            scale = torch.clamp(absmax.double(), min=1e-5).div(qmax).float()
+            q = torch.round(xf / scale)
+        return (q * scale).to(x.dtype)
+
+    def _t_static_act_scale(self, absmax, bits: int) -> float:
+        return actquant.static_scale_from_absmax(float(absmax.max()), bits)
+
+    def _t_to_numpy(self, x):
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu()
+            return (x.float() if x.dtype in (torch.bfloat16, torch.float16) else x).numpy()
+        return np.asarray(x)
+
+    def _t_like(self, a, ref):
+        """A float32 tensor of ``a`` on ``ref``'s device (small vectors back from the reference)."""
+        return torch.as_tensor(np.asarray(a), dtype=torch.float32, device=ref.device)
+
+    for _name, _fn in (("channel_stats", _t_channel_stats), ("quantize_activation", _t_quantize_activation),
+                       ("static_act_scale", _t_static_act_scale), ("to_numpy", _t_to_numpy), ("like", _t_like)):
+        TorchBackend.register(_name, replace=True)(_fn)

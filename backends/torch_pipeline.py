@@ -1,0 +1,308 @@
+"""The layer-wise pipeline on Hugging Face LLaMA models in torch (CPU, or one GPU with layer streaming).
+
+:class:`HFRunner` adapts a ``LlamaForCausalLM`` to :func:`refquant.pipeline.quantize_model`: the
+model stays where it is (CPU memory, or the meta device with layers built on demand by a
+``layer_source``) and one decoder layer at a time is moved to the compute device together with the
+calibration activations (kept in the activation dtype, bf16 for real models). Hooks on the
+``nn.Linear`` modules feed the statistics; Hessians accumulate in float32.
+
+:func:`perplexity` evaluates a model with the original protocol (non-overlapping windows, tail
+dropped, ``exp`` of the mean window loss, :func:`refquant.perplexity.perplexity_from_losses`), either
+with the whole model on the device or streaming layers like the original ``llama_eval``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable
+
+import numpy as np
+import torch
+
+import backends
+from refquant import llama
+from refquant.perplexity import PerplexityResult, perplexity_from_losses
+from refquant.progress import progress
+
+log = logging.getLogger("refquant")
+
+
+class CalibrationOverflow(FloatingPointError):
+    """Non-finite activations during calibration (fp16/bf16 overflow or NaN weights)."""
+
+
+def load_model(path_or_id: str, dtype=torch.bfloat16, device: str = "cpu"):
+    """``LlamaForCausalLM.from_pretrained`` with SDPA attention (causal without an explicit mask).
+
+    ``path_or_id`` is a local checkpoint directory or a Hugging Face id (needs the hub or its cache).
+    """
+    import transformers
+
+    try:
+        model = transformers.LlamaForCausalLM.from_pretrained(path_or_id, dtype=dtype, attn_implementation="sdpa")
+    except TypeError:  # transformers < 4.56 spells it torch_dtype
+        model = transformers.LlamaForCausalLM.from_pretrained(path_or_id, torch_dtype=dtype, attn_implementation="sdpa")
+    except OSError as e:
+        raise FileNotFoundError(
+            f"could not load a LLaMA checkpoint from {path_or_id!r}: {e}. Pass a local directory with config.json "
+            "and safetensors weights, or a Hugging Face id with the hub (or its cache) reachable."
+        ) from e
+    return model.to(device).eval()
+
+
+def _layer_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+class HFRunner:
+    """Runs the refquant layer loop on a transformers LLaMA model.
+
+    Args:
+        model: a ``LlamaForCausalLM`` (any device; layers are moved to ``device`` one at a time).
+        device: the compute device.
+        act_dtype: dtype of the calibration activations (default: the model's dtype).
+        batch_size: calibration sequences per forward call.
+        layer_source: optional ``i -> LlamaDecoderLayer`` on ``device`` (e.g. read from safetensors or
+            built with random weights); by default ``model.model.layers[i]`` is moved to ``device``.
+        keep_layers: write the quantized layer back into ``model`` (moved back to the model's device);
+            False drops it after ``on_layer`` has seen it (benchmarks, or runs that save per layer).
+    """
+
+    def __init__(self, model, device="cpu", act_dtype=None, batch_size: int = 8,
+                 layer_source: Callable | None = None, keep_layers: bool = True):
+        self.model = model
+        self.config = llama.LlamaConfig.from_dict(model.config.to_dict())
+        self.ops = backends.get_backend("torch")
+        self.device = torch.device(device)
+        self.home = next(iter(model.model.norm.parameters())).device
+        self.act_dtype = act_dtype or model.model.norm.weight.dtype
+        self.batch_size = int(batch_size)
+        self.layer_source = layer_source
+        self.keep_layers = keep_layers
+        self.saved_act_quant: dict[int, dict] = {}
+        self._pe = {}
+        model.config._attn_implementation = "sdpa"  # the runner's own model object; causal without a mask
+
+    # ---- geometry -------------------------------------------------------------------------
+    def in_features(self, group: str) -> int:
+        c = self.config
+        return {"attn_in": c.hidden_size, "o_in": c.num_attention_heads * c.head_dim,
+                "mlp_in": c.hidden_size, "down_in": c.intermediate_size}[group]
+
+    def position_embeddings(self, T: int):
+        if T not in self._pe:
+            rotary = self.model.model.rotary_emb
+            if rotary.inv_freq.device != self.device:
+                rotary = rotary.to(self.device)
+            probe = torch.zeros(1, T, 1, dtype=self.act_dtype, device=self.device)
+            self._pe[T] = rotary(probe, torch.arange(T, device=self.device)[None, :])
+        return self._pe[T]
+
+    # ---- the loop's protocol ----------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, ids: np.ndarray):
+        emb = self.model.model.embed_tokens
+        ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+        out = torch.empty(ids.shape[0], ids.shape[1], self.config.hidden_size, dtype=self.act_dtype, device=self.device)
+        for s in range(0, ids.shape[0], self.batch_size):
+            chunk = ids[s:s + self.batch_size].to(emb.weight.device)
+            out[s:s + self.batch_size] = emb(chunk).to(self.device, self.act_dtype)
+        return out
+
+    def load_layer(self, i: int):
+        if self.layer_source is not None:
+            return self.layer_source(i)
+        return self.model.model.layers[i].to(self.device)
+
+    def finish_layer(self, i: int, layer) -> None:
+        if self.keep_layers and self.layer_source is None:
+            self.model.model.layers[i] = layer.to(self.home)
+        elif self.keep_layers:
+            self.model.model.layers[i] = layer
+        if self.device.type == "cuda" and not self.keep_layers:
+            del layer
+
+    @torch.no_grad()
+    def forward(self, layer, acts, hooks: llama.LinearHooks | None = None, index: int | None = None):
+        out = torch.empty_like(acts)
+        pe = self.position_embeddings(acts.shape[1])
+        with linear_hooks(layer, hooks):
+            for s in range(0, acts.shape[0], self.batch_size):
+                out[s:s + self.batch_size] = _layer_output(
+                    layer(acts[s:s + self.batch_size], attention_mask=None, position_embeddings=pe))
+        if not bool(torch.isfinite(out).all()):
+            raise CalibrationOverflow(self._locate_overflow(layer, acts, pe, index))
+        return out
+
+    def _locate_overflow(self, layer, acts, pe, index) -> str:
+        where = []
+
+        def check(name, t):
+            if not where and not bool(torch.isfinite(t).all()):
+                where.append(name)
+            return t
+
+        with linear_hooks(layer, llama.LinearHooks(on_input=lambda n, x: check(n + " input", x),
+                                                   on_output=lambda n, y: check(n + " output", y))):
+            for s in range(0, acts.shape[0], self.batch_size):
+                layer(acts[s:s + self.batch_size], attention_mask=None, position_embeddings=pe)
+                if where:
+                    break
+        layer_name = f"model.layers.{index}" if index is not None else "a decoder layer"
+        return (f"non-finite activations in {layer_name} at {where[0] if where else 'its output'} "
+                f"(dtype {acts.dtype}); fp16 overflows above 65504 -- run in bfloat16 or float32 (--dtype) "
+                "or check the weights for NaN/Inf.")
+
+    @torch.no_grad()
+    def block(self, layer, kind: str, x, weights: dict):
+        """AWQ's compared module with ``weights`` substituted: attention (q/k/v), MLP (gate/up) or a linear."""
+        with substituted(layer, weights):
+            if kind == "attn":
+                pe = self.position_embeddings(x.shape[1])
+                return torch.cat([layer.self_attn(hidden_states=x[s:s + self.batch_size], position_embeddings=pe,
+                                                  attention_mask=None)[0]
+                                  for s in range(0, x.shape[0], self.batch_size)])
+            if kind == "mlp":
+                return torch.cat([layer.mlp(x[s:s + self.batch_size]) for s in range(0, x.shape[0], self.batch_size)])
+            return module(layer, kind)(x)
+
+    def get(self, layer, name: str):
+        if name.endswith(".bias"):
+            b = module(layer, name[:-5]).bias
+            return None if b is None else b.data
+        return module(layer, name).weight.data
+
+    def set(self, layer, name: str, value) -> None:
+        if name.endswith(".bias"):
+            lin = module(layer, name[:-5])
+            value = torch.as_tensor(value).to(device=lin.weight.device, dtype=lin.weight.dtype)
+            if lin.bias is None:
+                lin.bias = torch.nn.Parameter(value.clone(), requires_grad=False)
+            else:
+                lin.bias.data.copy_(value)
+            return
+        p = module(layer, name).weight
+        value = torch.as_tensor(value)
+        if tuple(value.shape) != tuple(p.shape):
+            raise ValueError(f"{name}: new value has shape {tuple(value.shape)}, the layer has {tuple(p.shape)}.")
+        p.data.copy_(value.to(device=p.device, dtype=p.dtype))
+
+    def saved_hooks(self, i: int):
+        from refquant.pipeline import LayerContext
+
+        return LayerContext(index=i, layer=None, runner=self, config=None, inputs=None,
+                            act_quant=self.saved_act_quant.get(i, {})).hooks()
+
+
+def module(layer, name: str):
+    """The submodule of a decoder layer by its HF name (``self_attn.q_proj``, ``input_layernorm``)."""
+    m = layer
+    for part in name.split("."):
+        m = getattr(m, part)
+    return m
+
+
+@contextlib.contextmanager
+def linear_hooks(layer, hooks: llama.LinearHooks | None):
+    """Register ``hooks`` on the seven linears of ``layer`` for the duration of the block."""
+    handles = []
+    if hooks is not None:
+        for name in llama.LINEARS:
+            lin = module(layer, name)
+            if hooks.on_input is not None:
+                handles.append(lin.register_forward_pre_hook(
+                    lambda mod, args, n=name: (hooks.on_input(n, args[0]),) + tuple(args[1:])))
+            if hooks.on_output is not None:
+                handles.append(lin.register_forward_hook(lambda mod, args, out, n=name: hooks.on_output(n, out)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def substituted(layer, weights: dict):
+    """Temporarily replace linear weights of ``layer`` (restored afterwards, bit for bit)."""
+    saved = {}
+    try:
+        for name, W in weights.items():
+            p = module(layer, name).weight
+            saved[name] = p.data
+            p.data = torch.as_tensor(W).to(device=p.device, dtype=p.dtype)
+        yield
+    finally:
+        for name, data in saved.items():
+            module(layer, name).weight.data = data
+
+
+@contextlib.contextmanager
+def act_quant_applied(model, recipe: dict, ops=None):
+    """Apply an activation-quantization recipe ``{layer: {linear: ActQuant}}`` with hooks."""
+    ops = ops or backends.get_backend("torch")
+    from refquant.pipeline import LayerContext
+
+    stack = contextlib.ExitStack()
+    with stack:
+        for i, aq in recipe.items():
+            ctx = LayerContext(index=int(i), layer=None, runner=None, config=None, inputs=None, act_quant=aq)
+            ctx.runner = type("R", (), {"ops": ops})()
+            stack.enter_context(linear_hooks(model.model.layers[int(i)], ctx.hooks()))
+        yield
+
+
+@torch.no_grad()
+def window_losses(model, tokens: np.ndarray, seqlen: int = 2048, device="cpu", batch_size: int = 4,
+                  max_windows: int | None = None, stream: bool = False, desc: str = "ppl") -> list[float]:
+    """Mean cross-entropy of every non-overlapping ``seqlen`` window (float32 logits/loss).
+
+    ``stream=False``: the whole model on ``device``; ``stream=True``: the original ``llama_eval``
+    order (all windows through layer 0, then layer 1, ...) with one layer on the device at a time.
+    """
+    tokens = np.asarray(tokens, dtype=np.int64)
+    n = tokens.size // seqlen
+    if max_windows is not None:
+        n = min(n, int(max_windows))
+    if n == 0:
+        raise ValueError(f"{tokens.size} tokens make no window of {seqlen}.")
+    ids = torch.from_numpy(tokens[: n * seqlen].reshape(n, seqlen))
+    device = torch.device(device)
+    if stream:
+        runner = HFRunner(model, device=device, batch_size=batch_size, keep_layers=True)
+        h = runner.embed(ids.numpy())
+        for i in progress(range(runner.config.num_hidden_layers), desc=f"{desc} layers"):
+            layer = runner.load_layer(i)
+            h = runner.forward(layer, h, index=i)
+            runner.finish_layer(i, layer)
+        norm = model.model.norm.to(device)
+
+        def final(s):  # the final RMSNorm's output
+            return norm(h[s:s + batch_size])
+    else:
+        model.to(device)
+
+        def final(s):  # LlamaModel's last_hidden_state is after the final RMSNorm
+            return model.model(ids[s:s + batch_size].to(device)).last_hidden_state
+    head = model.lm_head.to(device)
+    losses = []
+    for s in progress(range(0, n, batch_size), total=(n + batch_size - 1) // batch_size, desc=desc):
+        hidden = final(s)
+        for b in range(hidden.shape[0]):
+            logits = head(hidden[b]).float()
+            labels = ids[s + b, 1:].to(device)
+            loss = torch.nn.functional.cross_entropy(logits[:-1], labels)
+            if not bool(torch.isfinite(loss)):
+                raise FloatingPointError(f"window {s + b}: non-finite loss {float(loss)}")
+            losses.append(float(loss))
+    return losses
+
+
+def perplexity(model, tokens: np.ndarray, seqlen: int = 2048, device="cpu", batch_size: int = 4,
+               max_windows: int | None = None, stream: bool = False, act_quant: dict | None = None,
+               desc: str = "ppl") -> PerplexityResult:
+    """Perplexity with the GPTQ-lineage protocol (:func:`refquant.perplexity.perplexity_from_losses`)."""
+    ctx = act_quant_applied(model, act_quant) if act_quant else contextlib.nullcontext()
+    with ctx:
+        losses = window_losses(model, tokens, seqlen, device, batch_size, max_windows, stream, desc)
+    return PerplexityResult(ppl=perplexity_from_losses(losses, seqlen), n_windows=len(losses), seqlen=seqlen,
+                            window_losses=losses)

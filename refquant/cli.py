@@ -1,0 +1,243 @@
+"""The ``refquant`` command line: quantize, eval, main (the study table on the embedded model), preflight.
+
+    refquant quantize --model PATH_OR_ID --method gptq --wbits 4 --group-size 128 --out DIR
+    refquant eval --model DIR --ppl wikitext2,c4,ptb
+    refquant main --data-dir ../shared/data
+    refquant preflight --backend torch --methods gptq
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import data, pipeline, runs
+from .provenance import provenance, write_json_atomic, write_text_atomic
+
+log = logging.getLogger("refquant")
+
+
+def _group_size(text: str):
+    g = int(text)
+    return None if g <= 0 else g
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=["auto", "numpy", "torch"],
+                   help="numpy: the float64 reference; torch: transformers on CPU/GPU (default: torch if installed)")
+    p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"],
+                   help="torch model/activation dtype (numpy is always float64)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward call (torch)")
+    p.add_argument("--data-dir", default=None, help="datasets in the layout of ../shared/data (else $REFQUANT_DATA_DIR)")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _add_method(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="gptq", choices=sorted(pipeline.METHODS))
+    p.add_argument("--wbits", type=int, default=4)
+    p.add_argument("--group-size", type=_group_size, default=128, help="columns per group; -1 = per output channel")
+    p.add_argument("--sym", action="store_true", help="the original's symmetric grid (zero = (maxq+1)/2)")
+    p.add_argument("--act-order", action="store_true")
+    p.add_argument("--static-groups", action="store_true")
+    p.add_argument("--true-sequential", action="store_true")
+    p.add_argument("--percdamp", type=float, default=0.01)
+    p.add_argument("--blocksize", type=int, default=128)
+    p.add_argument("--max-percdamp", type=float, default=None, help="opt-in damping escalation up to this percdamp")
+    p.add_argument("--abits", type=int, default=16, help="activation bits (16 = not quantized)")
+    p.add_argument("--act-mode", default="per_token", choices=["per_token", "per_tensor", "per_tensor_static"])
+    p.add_argument("--quantize-bmm-input", action="store_true", help="SmoothQuant: also quantize q/k/v outputs")
+    p.add_argument("--alpha", type=float, default=0.85, help="SmoothQuant migration strength")
+    p.add_argument("--duo-scaling", action="store_true", help="AWQ: the first release's x^r / w^(1-r) scales")
+    p.add_argument("--no-awq-clip", action="store_true")
+    p.add_argument("--no-awe", action="store_true", help="AWEQ: no activation-weight equalization")
+    p.add_argument("--no-bc", action="store_true", help="AWEQ: no bias correction")
+    p.add_argument("--group-quant", action="store_true", help="AWEQ: use --group-size instead of per-tensor weights")
+
+
+def config_from_args(a) -> pipeline.QuantConfig:
+    return pipeline.QuantConfig(
+        method=a.method, wbits=a.wbits, group_size=a.group_size, sym=a.sym, act_order=a.act_order,
+        static_groups=a.static_groups, true_sequential=a.true_sequential, percdamp=a.percdamp,
+        blocksize=a.blocksize, max_percdamp=a.max_percdamp, abits=a.abits, act_mode=a.act_mode,
+        quantize_bmm_input=a.quantize_bmm_input, alpha=a.alpha, duo_scaling=a.duo_scaling,
+        awq_clip=not a.no_awq_clip, awe=not a.no_awe, bc=not a.no_bc, aweq_per_tensor=not a.group_quant)
+
+
+def _datasets(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for n in names:
+        if n not in data.EVAL_NAMES:
+            raise argparse.ArgumentTypeError(f"unknown dataset {n!r}; choose from {', '.join(data.EVAL_NAMES)}")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def preflight(backend: str, device: str, methods: list[str]) -> list[dict]:
+    """Golden parity check of ``backend`` on ``device`` for the primitives ``methods`` use."""
+    import backends
+
+    from . import golden
+
+    be = backends.get_backend(backend)
+    prims = {"rtn": ["rtn"], "gptq": ["gptq", "hessian"]}
+    wanted = sorted({p for m in methods for p in prims.get(m, ["rtn"])})
+    to_device, to_numpy = (lambda a: a), be.to_numpy
+    if backend == "torch":
+        import torch
+
+        to_device = lambda a: torch.as_tensor(a).to(device)  # noqa: E731
+    return golden.parity_check(be, methods=wanted, to_device=to_device, to_numpy=to_numpy)
+
+
+def _run_preflight(a, config, loaded) -> dict | None:
+    if loaded.backend != "torch" or not str(loaded.device).startswith("cuda"):
+        return None
+    t = time.perf_counter()
+    reports = preflight("torch", loaded.device, [config.method])
+    failed = [r for r in reports if not r["ok"]]
+    summary = {"cases": len(reports), "failed": failed, "seconds": time.perf_counter() - t}
+    if failed and not a.no_preflight:
+        raise SystemExit(f"preflight: the torch backend fails {len(failed)} golden parity case(s) on {loaded.device}: "
+                         f"{[r['case'] for r in failed][:5]}; refusing to run (pass --no-preflight to override).")
+    return summary
+
+
+def cmd_quantize(a) -> int:
+    config = config_from_args(a)
+    out = Path(a.out)
+    timings = {}
+    t = time.perf_counter()
+    loaded = runs.load(a.model, a.backend, a.device, a.dtype)
+    timings["load"] = time.perf_counter() - t
+    pre = _run_preflight(a, config, loaded)
+    calib_ids, calib_info = None, None
+    if pipeline.METHODS[config.method].needs_calibration:
+        t = time.perf_counter()
+        calib_ids, calib_info = data.get_calibration(a.calib, loaded.encode, nsamples=a.nsamples, seqlen=a.seqlen,
+                                                     seed=a.seed, data_dir=a.data_dir, variant=a.calib_variant)
+        timings["calibration_data"] = time.perf_counter() - t
+    t = time.perf_counter()
+    result = runs.quantize(loaded, config, calib_ids, out_dir=out, resume=a.resume, run_info=_calib_signature(calib_info),
+                           batch_size=a.batch_size)
+    timings["quantize"] = time.perf_counter() - t
+    timings.update({f"quantize.{k}": v for k, v in result.timings.items()})
+    t = time.perf_counter()
+    runs.save_model(loaded, out, {"config": config.to_dict(), "act_quant": result_act_quant(loaded),
+                                  "source_model": loaded.source})
+    timings["save"] = time.perf_counter() - t
+    ppl = runs.evaluate_ppl(loaded, a.eval, a.seqlen, a.data_dir, a.max_eval_windows, a.batch_size) if a.eval else {}
+    record = runs.results_record(loaded, config, result, calib_info, ppl, timings)
+    record["preflight"] = pre
+    write_json_atomic(out / "results.json", record)
+    print(json.dumps({"out": str(out), "perplexity": {k: v["ppl"] for k, v in ppl.items()}, "timings_s": timings},
+                     indent=1, default=str))
+    return 0
+
+
+def result_act_quant(loaded) -> dict:
+    return runs._act_quant_to_json(loaded.act_quant)
+
+
+def _calib_signature(info: dict | None) -> dict:
+    if not info:
+        return {}
+    return {k: info.get(k) for k in ("dataset", "variant", "seed", "nsamples", "seqlen", "n_tokens", "data_variant")}
+
+
+def cmd_eval(a) -> int:
+    loaded = runs.load(a.model, a.backend, a.device, a.dtype)
+    ppl = runs.evaluate_ppl(loaded, a.ppl, a.seqlen, a.data_dir, a.max_windows, a.batch_size, stream=a.stream)
+    record = runs.results_record(loaded, None, None, None, ppl, {})
+    out = Path(a.out) if a.out else Path(a.model) / "eval.json" if Path(a.model).is_dir() else Path("eval.json")
+    write_json_atomic(out, record)
+    for name, r in ppl.items():
+        print(f"{name:10s} {r['ppl']:10.4f}  ({r['n_windows']} windows of {r['seqlen']}, {r['data'].get('variant', '')})")
+    print(f"saved {out}")
+    return 0
+
+
+def cmd_preflight(a) -> int:
+    device = runs.resolve_device(a.backend, a.device)
+    reports = preflight(a.backend, device, a.methods.split(","))
+    bad = [r for r in reports if not r["ok"]]
+    for r in reports:
+        print(json.dumps(r, default=float))
+    print(f"{len(reports) - len(bad)}/{len(reports)} golden cases pass on {a.backend}/{device}")
+    return 1 if bad else 0
+
+
+def cmd_main(a) -> int:
+    from .mainjob import run_main
+
+    return run_main(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="refquant", description="Spec-level reference implementation of LLM quantization.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a LLaMA checkpoint layer by layer and save it")
+    q.add_argument("--model", default=str(runs.DEFAULT_MODEL), help="checkpoint directory or Hugging Face id")
+    _add_method(q)
+    q.add_argument("--calib", default="wikitext2", choices=["wikitext2", "ptb", "c4"])
+    q.add_argument("--calib-variant", default="gptq", choices=["gptq", "billm"])
+    q.add_argument("--nsamples", type=int, default=128)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--resume", action="store_true", help="continue a crashed run in --out (identical results)")
+    q.add_argument("--eval", type=_datasets, default=[], help="also evaluate perplexity, e.g. wikitext2,c4,ptb")
+    q.add_argument("--max-eval-windows", type=int, default=None)
+    q.add_argument("--no-preflight", action="store_true", help="run even if the GPU golden parity check fails")
+    _add_common(q)
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a (quantized) checkpoint")
+    e.add_argument("--model", default=str(runs.DEFAULT_MODEL))
+    e.add_argument("--ppl", type=_datasets, default=["wikitext2", "c4", "ptb"])
+    e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    e.add_argument("--stream", action="store_true", help="one layer on the device at a time (models larger than GPU memory)")
+    e.add_argument("--out", default=None, help="results JSON (default: MODEL/eval.json)")
+    _add_common(e)
+    e.set_defaults(func=cmd_eval)
+
+    m = sub.add_parser("main", help="the study's Table-1 comparison (RTN vs GPTQ at 4/3/2 bits, g128) on the embedded model")
+    m.add_argument("--model", default=str(runs.DEFAULT_MODEL))
+    m.add_argument("--out", default="results/main")
+    m.add_argument("--bits", default="4,3,2")
+    m.add_argument("--methods", default="rtn,gptq")
+    m.add_argument("--group-size", type=_group_size, default=128)
+    m.add_argument("--ppl", type=_datasets, default=["wikitext2", "c4", "ptb"])
+    m.add_argument("--nsamples", type=int, default=128)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--max-eval-windows", type=int, default=None, help="quick look: only the first N windows per dataset")
+    _add_common(m)
+    m.set_defaults(func=cmd_main)
+
+    p = sub.add_parser("preflight", help="golden parity check of a backend (what a GPU run checks first)")
+    p.add_argument("--backend", default="torch", choices=["numpy", "torch"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--methods", default="rtn,gptq")
+    p.set_defaults(func=cmd_preflight)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        print(f"refquant {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

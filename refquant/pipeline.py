@@ -1,0 +1,417 @@
+"""The sequential layer-wise quantization loop of the GPTQ lineage, with pluggable methods.
+
+The loop of IST-DASLab/gptq ``llama_sequential`` (notes, section 0.3), written once for every
+method and every backend:
+
+1. the calibration windows are embedded: the inputs of decoder layer 0;
+2. for each decoder layer: the layer is run on every calibration sample with hooks on the linears'
+   inputs, which accumulate the statistics the method needs (Hessians for GPTQ, channel absmax
+   for SmoothQuant, mean |x| / cached inputs for AWQ, ranges and means for AWEQ) -- one set per
+   *distinct* input: q/k/v share ``attn_in``, gate/up share ``mlp_in``;
+3. the method quantizes the layer (and may rescale its norms, add biases, choose activation
+   quantizers);
+4. the layer is run again and its outputs become the next layer's inputs -- through the
+   *quantized* layer (GPTQ: errors propagate) or the *FP* layer (AWQ, SmoothQuant, AWEQ: their
+   statistics come from the FP model, as in the originals).
+
+``true_sequential`` (GPTQ ``--true-sequential``) quantizes ``[k, v, q]``, ``[o]``, ``[up, gate]``,
+``[down]`` in turn, each with a fresh statistics pass through the partially quantized layer.
+
+A *runner* adapts a model to the loop (:class:`NumpyRunner` for the NumPy reference LLaMA; the
+torch runner in ``backends/torch_pipeline.py`` for Hugging Face models), and an *ops* object (a
+backend from ``backends.get_backend``) supplies the array algorithms. A method is a class with
+``quantize_layer(ctx)``; new methods register in :data:`METHODS` without touching the loop.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from . import llama
+from .progress import progress
+from .quantizer import QuantizedWeight, QuantSpec
+
+log = logging.getLogger("refquant")
+
+Q, K, V, O = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"
+GATE, UP, DOWN = "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"
+INPUT_LINEARS = {"attn_in": (Q, K, V), "o_in": (O,), "mlp_in": (GATE, UP), "down_in": (DOWN,)}
+"""The distinct linear inputs of a LLaMA decoder layer and the linears that read each."""
+INPUT_OF = {name: group for group, names in INPUT_LINEARS.items() for name in names}
+NORM_OF = {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm"}
+"""The RMSNorm that produces an input (where a per-channel scale can be folded)."""
+TRUE_SEQUENTIAL = ((K, V, Q), (O,), (UP, GATE), (DOWN,))
+"""Quantization order of GPTQ's ``--true-sequential`` (``llama.py``)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything that decides a quantized model (recorded in every result).
+
+    Weight quantizer: ``wbits``, ``group_size`` (``None`` = per output channel), ``sym``.
+    GPTQ: ``act_order``, ``static_groups``, ``true_sequential``, ``percdamp``, ``blocksize``,
+    ``max_percdamp`` (opt-in damping escalation). Activations: ``abits`` (16 = not quantized),
+    ``act_mode`` (``per_token`` | ``per_tensor`` | ``per_tensor_static``), ``quantize_bmm_input``
+    (SmoothQuant: per-token quantize the q/k/v outputs). SmoothQuant: ``alpha``. AWQ:
+    ``duo_scaling`` (the first release's scale formula), ``awq_clip``. AWEQ: ``awe``, ``bc``,
+    ``aweq_per_tensor``.
+    """
+
+    method: str = "gptq"
+    wbits: int = 4
+    group_size: int | None = 128
+    sym: bool = False
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = False
+    percdamp: float = 0.01
+    blocksize: int = 128
+    max_percdamp: float | None = None
+    abits: int = 16
+    act_mode: str = "per_token"
+    quantize_bmm_input: bool = False
+    alpha: float = 0.85
+    duo_scaling: bool = False
+    awq_clip: bool = True
+    awe: bool = True
+    bc: bool = True
+    aweq_per_tensor: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; available: {sorted(METHODS)}.")
+        if self.abits != 16 and not 2 <= self.abits <= 8:
+            raise ValueError(f"abits must be 16 (no activation quantization) or 2..8; got {self.abits}.")
+        if self.act_mode not in ("per_token", "per_tensor", "per_tensor_static"):
+            raise ValueError(f"act_mode must be per_token, per_tensor or per_tensor_static; got {self.act_mode!r}.")
+        self.weight_spec()  # validates wbits/group_size
+
+    def weight_spec(self) -> QuantSpec:
+        return METHODS[self.method].weight_spec(self)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runners and ops (protocols)
+
+
+class Runner(Protocol):
+    """Adapts a model to the loop. Arrays are the runner's own (NumPy, or torch on a device)."""
+
+    config: llama.LlamaConfig
+    ops: object
+
+    def embed(self, ids: np.ndarray): ...
+    def load_layer(self, i: int): ...
+    def finish_layer(self, i: int, layer) -> None: ...
+    def forward(self, layer, acts, hooks: llama.LinearHooks | None = None): ...
+    def block(self, layer, kind: str, x, weights: dict): ...
+    def get(self, layer, name: str): ...
+    def set(self, layer, name: str, value) -> None: ...
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """Fake quantization of one linear's input (and, for ``quantize_output``, its output)."""
+
+    bits: int
+    mode: str = "per_token"
+    static_scale: float | None = None
+    quantize_output: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-layer context a method works with
+
+
+@dataclass
+class LayerContext:
+    index: int
+    layer: object
+    runner: Runner
+    config: QuantConfig
+    inputs: object
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    act_quant: dict[str, ActQuant] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def ops(self):
+        return self.runner.ops
+
+    def get(self, name: str):
+        """A weight (``self_attn.q_proj``), norm gain (``input_layernorm``) or bias (``...bias``)."""
+        return self.runner.get(self.layer, name)
+
+    def set(self, name: str, value) -> None:
+        self.runner.set(self.layer, name, value)
+
+    def set_quantized(self, name: str, qw: QuantizedWeight) -> None:
+        """Replace linear ``name`` by its dequantized weight and keep the codes for saving."""
+        self.quantized[name] = qw
+        self.set(name, qw.dequantize())
+
+    def collect(self, requests: dict[str, tuple[str, ...]]) -> dict:
+        """Run the layer (as it is now) on all calibration inputs; return per-input statistics.
+
+        ``requests`` maps an input group (``attn_in``, ``o_in``, ``mlp_in``, ``down_in``) to the
+        statistics wanted there (kinds understood by ``ops.channel_stats``: ``"H"``,
+        ``"absmax"``, ``"mean_abs"``, ``"minmax"``, ``"mean"``, ``"inputs"``).
+        """
+        first = {group: INPUT_LINEARS[group][0] for group in requests}
+        stats = {group: self.ops.channel_stats(kinds, self.runner.in_features(group)) for group, kinds in requests.items()}
+        wanted = {name: group for group, name in first.items()}
+
+        def on_input(name, x):
+            if name in wanted:
+                stats[wanted[name]].add(x)
+            return self._act_hook(name, x)
+
+        self.runner.forward(self.layer, self.inputs, llama.LinearHooks(on_input=on_input, on_output=self._out_hook))
+        return stats
+
+    def hooks(self) -> llama.LinearHooks:
+        """The activation quantizers chosen so far (used when propagating through this layer)."""
+        return llama.LinearHooks(on_input=self._act_hook, on_output=self._out_hook)
+
+    def _act_hook(self, name, x):
+        aq = self.act_quant.get(name)
+        return x if aq is None else self.ops.quantize_activation(x, aq.bits, aq.mode, aq.static_scale)
+
+    def _out_hook(self, name, y):
+        aq = self.act_quant.get(name)
+        return y if aq is None or not aq.quantize_output else self.ops.quantize_activation(y, aq.bits, "per_token")
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+
+
+class Method:
+    """Base class: a method quantizes one decoder layer in :meth:`quantize_layer`."""
+
+    name = "?"
+    needs_calibration = True
+    propagate = "quantized"  # or "fp": next-layer inputs from the unquantized layer
+
+    @staticmethod
+    def weight_spec(config: QuantConfig) -> QuantSpec:
+        return QuantSpec(bits=config.wbits, group_size=config.group_size, sym=config.sym)
+
+    def quantize_layer(self, ctx: LayerContext) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def choose_act_quant(ctx: LayerContext, absmax: dict | None = None) -> None:
+        """Record activation quantizers for every linear when ``abits < 16``."""
+        cfg = ctx.config
+        if cfg.abits == 16:
+            return
+        for name in llama.LINEARS:
+            static = None
+            if cfg.act_mode == "per_tensor_static":
+                static = ctx.ops.static_act_scale(absmax[INPUT_OF[name]], cfg.abits)
+            mode = "per_token" if cfg.act_mode == "per_token" else "per_tensor"
+            ctx.act_quant[name] = ActQuant(cfg.abits, mode, static,
+                                           quantize_output=cfg.quantize_bmm_input and name in (Q, K, V))
+
+
+class RTN(Method):
+    """Round-to-nearest every linear (:func:`refquant.rtn`); no calibration data."""
+
+    name = "rtn"
+    needs_calibration = False
+
+    def quantize_layer(self, ctx):
+        spec = ctx.config.weight_spec()
+        for name in llama.LINEARS:
+            ctx.set_quantized(name, ctx.ops.rtn(ctx.get(name), spec))
+
+
+class GPTQ(Method):
+    """GPTQ (:func:`refquant.gptq`) with Hessians from the layer's (partially quantized) inputs."""
+
+    name = "gptq"
+
+    def quantize_layer(self, ctx):
+        cfg = ctx.config
+        steps = TRUE_SEQUENTIAL if cfg.true_sequential else (tuple(llama.LINEARS),)
+        for names in steps:
+            groups = {INPUT_OF[n] for n in names}
+            stats = ctx.collect({g: ("H",) for g in groups})
+            for group in sorted(groups):
+                members = [n for n in names if INPUT_OF[n] == group]
+                qws = ctx.ops.gptq_shared([ctx.get(n) for n in members], stats[group].H, cfg.weight_spec(),
+                                          blocksize=cfg.blocksize, percdamp=cfg.percdamp, act_order=cfg.act_order,
+                                          static_groups=cfg.static_groups, max_percdamp=cfg.max_percdamp)
+                for n, qw in zip(members, qws):
+                    ctx.set_quantized(n, qw)
+                    ctx.info.setdefault("gptq_loss", {})[n] = float(qw.info.get("loss", float("nan")))
+
+
+METHODS: dict[str, Method] = {m.name: m() for m in (RTN, GPTQ)}
+
+
+def register_method(method: Method) -> Method:
+    """Add a method instance to :data:`METHODS` (the CLI and :class:`QuantConfig` see it)."""
+    METHODS[method.name] = method
+    return method
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class LayerRecord:
+    index: int
+    seconds: float
+    quantized: dict[str, QuantizedWeight]
+    act_quant: dict[str, ActQuant]
+    info: dict
+
+
+@dataclass
+class QuantizationResult:
+    config: QuantConfig
+    layers: list[LayerRecord]
+    timings: dict
+
+    def act_quant_recipe(self) -> dict:
+        """Per layer and linear, the activation quantizer (JSON-ready)."""
+        return {str(r.index): {n: asdict(a) for n, a in r.act_quant.items()} for r in self.layers if r.act_quant}
+
+
+def quantize_model(runner: Runner, config: QuantConfig, calib_ids: np.ndarray | None,
+                   on_layer: Callable[[LayerRecord, object], None] | None = None, start_layer: int = 0,
+                   replay: Callable[[int, object], None] | None = None) -> QuantizationResult:
+    """Quantize every decoder layer of ``runner``'s model in order.
+
+    Args:
+        runner: the model adapter (its ``ops`` is the backend used for the algorithms).
+        config: the method and its settings.
+        calib_ids: calibration token windows (nsamples, seqlen); unused by RTN.
+        on_layer: called with each finished layer's record and layer object (e.g. to write it to
+            disk, so that a crashed run can be resumed).
+        start_layer, replay: resume support -- layers ``< start_layer`` are already done;
+            ``replay(i, layer)`` loads layer i's saved quantized state into ``layer`` so that the
+            calibration inputs are propagated exactly as in the original run.
+    """
+    method = METHODS[config.method]
+    n_layers = runner.config.num_hidden_layers
+    timings = {"calibration_forward": 0.0, "quantize": 0.0, "propagate": 0.0}
+    acts = None
+    if method.needs_calibration:
+        if calib_ids is None or np.asarray(calib_ids).ndim != 2:
+            raise ValueError(f"method {config.method} needs calibration windows of shape (nsamples, seqlen).")
+        t = time.perf_counter()
+        acts = runner.embed(np.asarray(calib_ids))
+        timings["embed"] = time.perf_counter() - t
+    records = []
+    for i in progress(range(n_layers), total=n_layers, desc=f"{config.method} layers"):
+        t0 = time.perf_counter()
+        layer = runner.load_layer(i)
+        if i < start_layer:  # resume: replay the saved layer to regenerate the next inputs
+            if acts is not None:
+                fp_out = runner.forward(layer, acts) if method.propagate == "fp" else None
+                replay(i, layer)
+                acts = fp_out if fp_out is not None else runner.forward(layer, acts, runner.saved_hooks(i))
+            runner.finish_layer(i, layer)
+            continue
+        ctx = LayerContext(index=i, layer=layer, runner=runner, config=config, inputs=acts)
+        fp_out = None
+        if acts is not None and method.propagate == "fp":
+            t = time.perf_counter()
+            fp_out = runner.forward(layer, acts)
+            timings["propagate"] += time.perf_counter() - t
+        t = time.perf_counter()
+        method.quantize_layer(ctx)
+        timings["quantize"] += time.perf_counter() - t
+        if acts is not None:
+            t = time.perf_counter()
+            acts = fp_out if fp_out is not None else runner.forward(layer, acts, ctx.hooks())
+            timings["propagate"] += time.perf_counter() - t
+        record = LayerRecord(i, time.perf_counter() - t0, ctx.quantized, ctx.act_quant, ctx.info)
+        if on_layer is not None:
+            on_layer(record, layer)
+        records.append(record)
+        runner.finish_layer(i, layer)
+        log.info("layer %d/%d done in %.2fs", i + 1, n_layers, record.seconds)
+    timings["total"] = sum(r.seconds for r in records) + timings.get("embed", 0.0)
+    return QuantizationResult(config, records, timings)
+
+
+# ---------------------------------------------------------------------------------------------
+# The NumPy runner (the reference model)
+
+
+class NumpyRunner:
+    """Runs the loop on :class:`refquant.llama.LlamaModel` with the NumPy reference ops.
+
+    Calibration samples are run one at a time (batch 1), as the original does.
+    """
+
+    def __init__(self, model: llama.LlamaModel, ops=None):
+        import backends
+
+        self.model = model
+        self.config = model.config
+        self.ops = ops or backends.get_backend("numpy")
+        self._rope = {}
+        self.saved_act_quant: dict[int, dict[str, ActQuant]] = {}
+
+    def in_features(self, group: str) -> int:
+        return self.config.intermediate_size if group == "down_in" else (
+            self.config.num_attention_heads * self.config.head_dim if group == "o_in" else self.config.hidden_size)
+
+    def rope(self, T: int):
+        if T not in self._rope:
+            self._rope[T] = llama.rope_tables(self.config, T)
+        return self._rope[T]
+
+    def embed(self, ids):
+        return llama.embed(self.model, ids)
+
+    def load_layer(self, i):
+        return self.model.layers[i]
+
+    def finish_layer(self, i, layer):
+        self.model.layers[i] = layer
+
+    def forward(self, layer, acts, hooks=None):
+        cos, sin = self.rope(acts.shape[1])
+        hooks = hooks or llama.NO_HOOKS
+        return np.concatenate([llama.decoder_layer(layer, acts[j:j + 1], self.config, cos, sin, hooks)
+                               for j in range(acts.shape[0])])
+
+    def block(self, layer, kind, x, weights):
+        """Output of the attention (``kind="attn"``) or MLP (``"mlp"``) of ``layer`` on its input
+        ``x`` with the given weights substituted (AWQ's compared module)."""
+        trial = dict(layer, **weights)
+        if kind == "attn":
+            cos, sin = self.rope(x.shape[1])
+            return np.concatenate([llama.attention(trial, x[j:j + 1], self.config, cos, sin) for j in range(x.shape[0])])
+        if kind == "mlp":
+            return llama.mlp(trial, x)
+        return llama.linear(trial, kind, x)
+
+    def get(self, layer, name):
+        return layer.get(name) if name.endswith(".bias") else layer[name]
+
+    def set(self, layer, name, value):
+        layer[name] = np.asarray(value, dtype=np.float64)
+
+    def saved_hooks(self, i):
+        aq = self.saved_act_quant.get(i, {})
+        ctx = LayerContext(index=i, layer=None, runner=self, config=None, inputs=None, act_quant=aq)
+        return ctx.hooks()
