@@ -83,6 +83,11 @@ class HFRunner:
         self._pe = {}
         model.config._attn_implementation = "sdpa"  # the runner's own model object; causal without a mask
 
+    def sync(self) -> None:
+        """Wait for the device (stage timings attribute GPU work to the right stage)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # ---- geometry -------------------------------------------------------------------------
     def in_features(self, group: str) -> int:
         c = self.config

@@ -134,6 +134,31 @@ class ActQuant:
 # The per-layer context a method works with
 
 
+class StageTimer:
+    """Wall time per pipeline stage; synchronizes the device (``runner.sync``) at stage edges."""
+
+    def __init__(self, sync: Callable[[], None] | None = None):
+        self.sync = sync or (lambda: None)
+        self.seconds: dict[str, float] = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def stage(self, name: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                timer.sync()
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.sync()
+                timer.add(name, time.perf_counter() - self.t)
+
+        return _Stage()
+
+
 @dataclass
 class LayerContext:
     index: int
@@ -144,6 +169,7 @@ class LayerContext:
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     act_quant: dict[str, ActQuant] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    timer: StageTimer = field(default_factory=StageTimer)
 
     @property
     def ops(self):
@@ -171,13 +197,22 @@ class LayerContext:
         first = {group: INPUT_LINEARS[group][0] for group in requests}
         stats = {group: self.ops.channel_stats(kinds, self.runner.in_features(group)) for group, kinds in requests.items()}
         wanted = {name: group for group, name in first.items()}
+        timer = self.timer
+        t_stats = [0.0]
 
         def on_input(name, x):
             if name in wanted:
+                timer.sync()
+                t = time.perf_counter()
                 stats[wanted[name]].add(x)
+                timer.sync()
+                t_stats[0] += time.perf_counter() - t
             return self._act_hook(name, x)
 
-        self.runner.forward(self.layer, self.inputs, llama.LinearHooks(on_input=on_input, on_output=self._out_hook))
+        with timer.stage("calibration_forward"):
+            self.runner.forward(self.layer, self.inputs, llama.LinearHooks(on_input=on_input, on_output=self._out_hook))
+        timer.add("calibration_forward", -t_stats[0])
+        timer.add("statistics", t_stats[0])
         return stats
 
     def hooks(self) -> llama.LinearHooks:
@@ -309,45 +344,50 @@ def quantize_model(runner: Runner, config: QuantConfig, calib_ids: np.ndarray | 
     """
     method = METHODS[config.method]
     n_layers = runner.config.num_hidden_layers
-    timings = {"calibration_forward": 0.0, "quantize": 0.0, "propagate": 0.0}
+    timer = StageTimer(getattr(runner, "sync", None))
+    t_start = time.perf_counter()
     acts = None
     if method.needs_calibration:
         if calib_ids is None or np.asarray(calib_ids).ndim != 2:
             raise ValueError(f"method {config.method} needs calibration windows of shape (nsamples, seqlen).")
-        t = time.perf_counter()
-        acts = runner.embed(np.asarray(calib_ids))
-        timings["embed"] = time.perf_counter() - t
+        with timer.stage("embed"):
+            acts = runner.embed(np.asarray(calib_ids))
     records = []
     for i in progress(range(n_layers), total=n_layers, desc=f"{config.method} layers"):
         t0 = time.perf_counter()
-        layer = runner.load_layer(i)
+        with timer.stage("load_layer"):
+            layer = runner.load_layer(i)
         if i < start_layer:  # resume: replay the saved layer to regenerate the next inputs
-            if acts is not None:
-                fp_out = runner.forward(layer, acts) if method.propagate == "fp" else None
-                replay(i, layer)
-                acts = fp_out if fp_out is not None else runner.forward(layer, acts, runner.saved_hooks(i))
-            runner.finish_layer(i, layer)
+            with timer.stage("replay"):
+                if acts is not None:
+                    fp_out = runner.forward(layer, acts) if method.propagate == "fp" else None
+                    replay(i, layer)
+                    acts = fp_out if fp_out is not None else runner.forward(layer, acts, runner.saved_hooks(i))
+                runner.finish_layer(i, layer)
             continue
-        ctx = LayerContext(index=i, layer=layer, runner=runner, config=config, inputs=acts)
+        ctx = LayerContext(index=i, layer=layer, runner=runner, config=config, inputs=acts, timer=timer)
         fp_out = None
         if acts is not None and method.propagate == "fp":
-            t = time.perf_counter()
-            fp_out = runner.forward(layer, acts)
-            timings["propagate"] += time.perf_counter() - t
-        t = time.perf_counter()
-        method.quantize_layer(ctx)
-        timings["quantize"] += time.perf_counter() - t
+            with timer.stage("propagate"):
+                fp_out = runner.forward(layer, acts)
+        before = dict(timer.seconds)
+        with timer.stage("quantize"):
+            method.quantize_layer(ctx)
+        # time spent collecting statistics inside quantize_layer is reported under its own stages
+        inner = sum(timer.seconds.get(k, 0.0) - before.get(k, 0.0) for k in ("calibration_forward", "statistics"))
+        timer.add("quantize", -inner)
         if acts is not None:
-            t = time.perf_counter()
-            acts = fp_out if fp_out is not None else runner.forward(layer, acts, ctx.hooks())
-            timings["propagate"] += time.perf_counter() - t
+            with timer.stage("propagate"):
+                acts = fp_out if fp_out is not None else runner.forward(layer, acts, ctx.hooks())
         record = LayerRecord(i, time.perf_counter() - t0, ctx.quantized, ctx.act_quant, ctx.info)
-        if on_layer is not None:
-            on_layer(record, layer)
+        with timer.stage("write_layer"):
+            if on_layer is not None:
+                on_layer(record, layer)
+            runner.finish_layer(i, layer)
         records.append(record)
-        runner.finish_layer(i, layer)
         log.info("layer %d/%d done in %.2fs", i + 1, n_layers, record.seconds)
-    timings["total"] = sum(r.seconds for r in records) + timings.get("embed", 0.0)
+    timings = dict(timer.seconds)
+    timings["total"] = time.perf_counter() - t_start
     return QuantizationResult(config, records, timings)
 
 
