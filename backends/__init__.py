@@ -75,6 +75,8 @@ _REGISTRY = {
 EXTENSIONS: dict[str, list[str]] = {name: [] for name in _REGISTRY}
 EXTENSIONS["numpy"].append("backends.pipeline_ops")
 EXTENSIONS["torch"].append("backends.pipeline_ops")
+EXTENSIONS["numpy"].append("backends.equalization_ops")  # SmoothQuant / AWQ / AWEQ ops
+EXTENSIONS["torch"].append("backends.equalization_ops")
 
 _INSTANCES: dict[str, Backend] = {}
 

@@ -86,7 +86,7 @@ def preflight(backend: str, device: str, methods: list[str]) -> list[dict]:
     from . import golden
 
     be = backends.get_backend(backend)
-    prims = {"rtn": ["rtn"], "gptq": ["gptq", "hessian"]}
+    prims = {"rtn": ["rtn"], "gptq": ["gptq", "hessian"], **{m: [m, "rtn"] for m in ("smoothquant", "awq", "aweq")}}
     wanted = sorted({p for m in methods for p in prims.get(m, ["rtn"])})
     to_device, to_numpy = (lambda a: a), be.to_numpy
     if backend == "torch":

@@ -164,6 +164,9 @@ def run_case(case: GoldenCase, arrays: dict, backend=None, to_device=lambda a: a
     """Run ``case.method`` of ``backend`` (default: the NumPy reference) on the case's inputs."""
     import refquant as rq
 
+    if case.method in EQUALIZATION_RUNNERS:
+        return EQUALIZATION_RUNNERS[case.method](case.params, arrays, backend or _reference_ops(), to_device,
+                                                 lambda a: np.asarray(to_numpy(a)))
     fns = backend or rq
     if case.method == "hessian":
         return {"H": to_numpy(fns.hessian(to_device(calibration_input(arrays))))}
@@ -175,6 +178,203 @@ def run_case(case: GoldenCase, arrays: dict, backend=None, to_device=lambda a: a
         H = rq.hessian(calibration_input(arrays))  # exact on every platform (see module doc)
         return outputs_of(fns.gptq(W, to_device(H), spec, **case.params["kwargs"]), to_numpy)
     raise GoldenError(f"golden case {case.name}: no runner for method {case.method!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# SmoothQuant, AWQ, AWEQ: the primitives of one linear, chained as the layer-level methods chain them
+
+
+def _reference_ops():
+    """The reference functions under the backend op names of ``backends/equalization_ops.py``."""
+    from types import SimpleNamespace
+
+    from . import actquant, awq, aweq, equalize, smoothquant
+    from .rtn import rtn
+
+    def awq_search_scale(X, Ws, spec, block=None, n_grid=awq.N_GRID, duo_scaling=False, chunk=None):
+        return awq.search_scale(X, Ws, spec, block=block, n_grid=n_grid, duo_scaling=duo_scaling)
+
+    return SimpleNamespace(smooth_scales=smoothquant.smooth_scales, scale_weight=equalize.scale_weight, rtn=rtn,
+                           quantize_activation=actquant.quantize_activation, awq_search_scale=awq_search_scale,
+                           awq_search_clip=awq.search_clip, apply_clip=awq.apply_clip,
+                           equalization_scales=aweq.equalization_scales, bias_correction=aweq.bias_correction)
+
+
+def _f64(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def _run_smoothquant(params: dict, arrays: dict, ops, to_device, to_numpy) -> dict:
+    """``s`` from the channel absmax of X (exact), ``rtn(W diag(s), absmax per channel)``, and (with
+    ``act_bits``) the per-token activation codes of ``X diag(s)^-1``."""
+    X, W = calibration_input(arrays), arrays["W"]
+    absmax = np.abs(X.reshape(-1, X.shape[-1])).max(axis=0)
+    s = ops.smooth_scales(to_device(absmax), [to_device(W)], params["alpha"])
+    qw = ops.rtn(ops.scale_weight(to_device(W), s), spec_of(params))
+    out = outputs_of(qw, to_numpy)
+    out["s"] = _f64(to_numpy(s))
+    if params.get("act_bits"):
+        Xs = X / out["s"]
+        X_hat = _f64(to_numpy(ops.quantize_activation(to_device(Xs), params["act_bits"], "per_token")))
+        step = np.maximum(np.abs(Xs).max(axis=-1), 1e-5) / (2 ** (params["act_bits"] - 1) - 1)
+        out["act_step"] = step
+        out["act_codes"] = np.rint(X_hat / step[..., None]).astype(np.int8)
+    return out
+
+
+def _run_awq(params: dict, arrays: dict, ops, to_device, to_numpy) -> dict:
+    """Scale search with the linear block, ``W diag(s)``, clip search on ``X diag(s)^-1``, clip, RTN."""
+    X, W, spec = calibration_input(arrays), arrays["W"], spec_of(params)
+    res = ops.awq_search_scale(to_device(X), [to_device(W)], spec, None, n_grid=params["n_grid"],
+                               duo_scaling=params["duo_scaling"])
+    s = _f64(to_numpy(res.scales))
+    W_s = ops.scale_weight(to_device(W), res.scales)
+    clip = ops.awq_search_clip(to_device(X / s), W_s, spec, n_grid=params["clip_n_grid"],
+                               n_sample_tokens=params["clip_n_sample_tokens"])
+    qw = ops.rtn(ops.apply_clip(W_s, clip.max_val, spec.group_size), spec)
+    out = outputs_of(qw, to_numpy)
+    out.update(scales=s, best_k=np.asarray(int(round(res.best_ratio * params["n_grid"]))), losses=_f64(res.losses),
+               clip_max_val=_f64(to_numpy(clip.max_val)), clip_losses=_f64(to_numpy(clip.losses)))
+    return out
+
+
+def _run_aweq(params: dict, arrays: dict, ops, to_device, to_numpy) -> dict:
+    """AWE ``s`` (eq. (10)) from the exact range of X, ``rtn(W diag(s))``, bias correction with ``E[x] / s``."""
+    from .aweq import update_stats
+
+    X, W, spec = calibration_input(arrays), arrays["W"], spec_of(params)
+    st = update_stats(None, X)
+    s = ops.equalization_scales(to_device(st.range), [to_device(W)])
+    s_host = _f64(to_numpy(s))
+    W_s = ops.scale_weight(to_device(W), s)
+    qw = ops.rtn(W_s, spec)
+    b = ops.bias_correction(W_s, qw.dequantize(), to_device(st.mean / s_host))
+    out = outputs_of(qw, to_numpy)
+    out.update(s=s_host, bias=_f64(to_numpy(b)))
+    return out
+
+
+EQUALIZATION_RUNNERS = {"smoothquant": _run_smoothquant, "awq": _run_awq, "aweq": _run_aweq}
+
+
+def _codes_near_ties(expected: dict, got: dict, x_ref: np.ndarray, tie_eps: float, w_hat_ulps: float,
+                     where: np.ndarray | None = None) -> dict:
+    """The RTN parity rule on a derived matrix: codes identical except at rounding ties of ``x_ref / scale``
+    (off by one at most); where codes agree, W_hat within ``w_hat_ulps`` float32 ulps. ``where``: check
+    only these weights."""
+    codes_e, codes_g = expected["codes"].astype(np.int64), got["codes"].astype(np.int64)
+    same = codes_e == codes_g
+    s = expected["scale"][:, expected["g_idx"]]
+    tie = _rounding_tie(x_ref / s, tie_eps)
+    allowed = same | (tie & (np.abs(codes_e - codes_g) <= 1)) | (False if where is None else ~where)
+    Wh_e = s * (codes_e - expected["zero"][:, expected["g_idx"]])
+    Wh_g = _f64(got["W_hat"])
+    tol = w_hat_ulps * np.finfo(np.float32).eps * np.maximum(np.abs(Wh_e), s)
+    return {"codes_identical_fraction": float(same.mean()), "codes_differing_off_ties": int((~allowed).sum()),
+            "w_hat_beyond_fp32_rounding": int(((np.abs(Wh_e - Wh_g) > tol) & same & (True if where is None else where)).sum()),
+            "same": same}
+
+
+def _compare_smoothquant(case, arrays, expected, got, rule) -> dict:
+    report = {}
+    report["s_identical"] = bool(np.array_equal(expected["s"], got["s"]))
+    W_s = arrays["W"] * expected["s"][None, :]
+    r = _codes_near_ties(expected, got, W_s, rule["tie_eps"], rule["w_hat_ulps"])
+    r.pop("same")
+    report.update(r)
+    ok = report["s_identical"] and r["codes_differing_off_ties"] == 0 and r["w_hat_beyond_fp32_rounding"] == 0
+    if "act_codes" in expected:
+        ce, cg = expected["act_codes"].astype(np.int64), got["act_codes"].astype(np.int64)
+        Xs = calibration_input(arrays) / expected["s"]
+        tie = _rounding_tie(Xs / expected["act_step"][..., None], rule["tie_eps"])
+        bad = (ce != cg) & ~(tie & (np.abs(ce - cg) <= 1))
+        report["act_codes_identical_fraction"] = float((ce == cg).mean())
+        report["act_codes_differing_off_ties"] = int(bad.sum())
+        ok = ok and report["act_codes_differing_off_ties"] == 0
+    report["ok"] = bool(ok)
+    return report
+
+
+def _compare_awq(case, arrays, expected, got, rule) -> dict:
+    from .quantizer import group_slices
+
+    rtol = rule["loss_rtol"]
+    le, lg = expected["losses"], _f64(got["losses"])
+    report = {"losses_max_rel_diff": float(np.max(np.abs(lg - le) / np.maximum(np.abs(le), 1e-300)))}
+    ke, kg = int(expected["best_k"]), int(got["best_k"])
+    report["best_k"] = (ke, kg)
+    ratio_ok = kg == ke or le[kg] <= le[ke] * (1 + rtol)
+    ok = report["losses_max_rel_diff"] <= rtol and ratio_ok
+    if kg == ke:  # the same scale: then the clip search and the final codes are comparable
+        report["scales_max_rel_diff"] = float(np.max(np.abs(_f64(got["scales"]) - expected["scales"]) / expected["scales"]))
+        ok = ok and report["scales_max_rel_diff"] <= rule["scales_rtol"]
+        cl, me, mg = expected["clip_losses"], expected["clip_max_val"], _f64(got["clip_max_val"])
+        W_s = arrays["W"] * expected["scales"][None, :]
+        spec = spec_of(case.params)
+
+        org = np.stack([np.abs(W_s[:, c]).max(axis=1) for c in group_slices(W_s.shape[1], spec.group_size)], axis=1)
+        n_grid = case.params["clip_n_grid"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            i_g = np.where(org > 0, np.rint((1 - mg / np.where(org > 0, org, 1)) * n_grid), 0).astype(np.int64)
+            i_e = np.where(org > 0, np.rint((1 - me / np.where(org > 0, org, 1)) * n_grid), 0).astype(np.int64)
+        i_g = np.clip(i_g, 0, cl.shape[0] - 1)
+        same_clip = i_g == i_e  # the same candidate (the thresholds themselves differ in the last bits)
+        rows, groups = np.indices(me.shape)
+        err_g, err_e = cl[i_g, rows, groups], cl[i_e, rows, groups]
+        near = same_clip | (err_g <= err_e * (1 + rule["clip_err_rtol"]))
+        report["clip_identical_fraction"] = float(same_clip.mean())
+        report["clip_off_near_ties"] = int((~near).sum())
+        ok = ok and report["clip_identical_fraction"] >= rule["min_clip_identical"] and report["clip_off_near_ties"] == 0
+        # final codes, on the (row, group)s whose clip agrees. A clip below both extremes of a group
+        # makes llm-awq's zero point round(-(-m) / (2m / maxq)) = round(maxq / 2) an exact tie, which
+        # float32 and float64 resolve either way: compare the signed codes q - z (what W_hat is made of)
+        # and allow the zero point to differ by one where the reference's was such a tie.
+        g_idx = expected["g_idx"]
+        W_c = np.clip(W_s, -me[:, g_idx], me[:, g_idx])
+        ze, zg = expected["zero"], _f64(got["zero"])
+        xmin = np.stack([W_c[:, c].min(axis=1) for c in group_slices(W_c.shape[1], spec.group_size)], axis=1)
+        zero_tie = _rounding_tie(-xmin / expected["scale"], rule["tie_eps"])
+        zero_ok = (ze == zg) | (zero_tie & (np.abs(ze - zg) <= 1)) | ~same_clip
+        qe = expected["codes"].astype(np.int64) - ze[:, g_idx].astype(np.int64)
+        qg = got["codes"].astype(np.int64) - zg[:, g_idx].astype(np.int64)
+        tie = _rounding_tie(W_c / expected["scale"][:, g_idx], rule["tie_eps"])
+        agree = same_clip[:, g_idx]
+        off = agree & (qe != qg) & ~(tie & (np.abs(qe - qg) <= 1))
+        Wh_e = expected["scale"][:, g_idx] * qe
+        tol = rule["w_hat_ulps"] * np.finfo(np.float32).eps * np.maximum(np.abs(Wh_e), expected["scale"][:, g_idx])
+        report["codes_identical_fraction"] = float((expected["codes"] == got["codes"]).mean())
+        report["signed_codes_identical_fraction"] = float((qe == qg).mean())
+        report["zero_tie_flips"] = int((ze != zg).sum())
+        report["zero_off_ties"] = int((~zero_ok).sum())
+        report["codes_differing_off_ties"] = int(off.sum())
+        report["w_hat_beyond_fp32_rounding"] = int((agree & (qe == qg) & (np.abs(Wh_e - _f64(got["W_hat"])) > tol)).sum())
+        ok = (ok and report["zero_off_ties"] == 0 and report["codes_differing_off_ties"] == 0
+              and report["w_hat_beyond_fp32_rounding"] == 0)
+    report["ok"] = bool(ok)
+    return report
+
+
+def _compare_aweq(case, arrays, expected, got, rule) -> dict:
+    report = {"s_identical": bool(np.array_equal(expected["s"], got["s"]))}
+    W_s = arrays["W"] * expected["s"][None, :]
+    r = _codes_near_ties(expected, got, W_s, rule["tie_eps"], rule["w_hat_ulps"])
+    same_rows = r.pop("same").all(axis=1)
+    report.update(r)
+    from .aweq import update_stats
+
+    mean_s = update_stats(None, calibration_input(arrays)).mean / expected["s"]
+    W_hat = expected["scale"][:, expected["g_idx"]] * (expected["codes"] - expected["zero"][:, expected["g_idx"]])
+    scale_of_row = np.abs(W_hat - W_s) @ np.abs(mean_s)
+    bias_err = np.abs(_f64(got["bias"]) - expected["bias"])
+    bad = same_rows & (bias_err > rule["bias_rtol"] * scale_of_row + 1e-300)
+    report["bias_max_rel_err"] = float(np.max(np.where(same_rows, bias_err / np.maximum(scale_of_row, 1e-300), 0)))
+    report["bias_beyond_rtol"] = int(bad.sum())
+    report["ok"] = bool(report["s_identical"] and r["codes_differing_off_ties"] == 0
+                        and r["w_hat_beyond_fp32_rounding"] == 0 and report["bias_beyond_rtol"] == 0)
+    return report
+
+
+EQUALIZATION_COMPARE = {"smoothquant": _compare_smoothquant, "awq": _compare_awq, "aweq": _compare_aweq}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +425,9 @@ def compare_backend(case: GoldenCase, arrays: dict, expected: dict, got: dict, r
     """Apply a method's backend parity rule; returns a report with ``ok`` and the measured values."""
     rule = rules[case.method]
     report = {"case": case.name, "method": case.method}
+    if case.method in EQUALIZATION_COMPARE:
+        report.update(EQUALIZATION_COMPARE[case.method](case, arrays, expected, got, rule))
+        return report
     if case.method == "hessian":
         H, Hb = expected["H"], got["H"].astype(np.float64)
         rel = float(np.max(np.abs(Hb - H)) / max(np.max(np.abs(H)), 1e-300))

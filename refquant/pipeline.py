@@ -294,7 +294,57 @@ class GPTQ(Method):
                     ctx.info.setdefault("gptq_loss", {})[n] = float(qw.info.get("loss", float("nan")))
 
 
-METHODS: dict[str, Method] = {m.name: m() for m in (RTN, GPTQ)}
+METHOD_MODULES = ("refquant.smoothquant", "refquant.awq", "refquant.aweq")
+"""Modules whose layer-level methods register themselves; imported on the first lookup."""
+
+
+class _MethodRegistry(dict):
+    """``name -> Method``; the first read imports :data:`METHOD_MODULES` (no import cycle at load time)."""
+
+    _loaded = False
+
+    def _load(self):
+        if not self._loaded:
+            self._loaded = True
+            import importlib
+
+            for module in METHOD_MODULES:
+                importlib.import_module(module)
+
+    def __getitem__(self, key):
+        self._load()
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self._load()
+        return super().__contains__(key)
+
+    def __iter__(self):
+        self._load()
+        return super().__iter__()
+
+    def __len__(self):
+        self._load()
+        return super().__len__()
+
+    def get(self, key, default=None):
+        self._load()
+        return super().get(key, default)
+
+    def keys(self):
+        self._load()
+        return super().keys()
+
+    def values(self):
+        self._load()
+        return super().values()
+
+    def items(self):
+        self._load()
+        return super().items()
+
+
+METHODS: dict[str, Method] = _MethodRegistry({m.name: m() for m in (RTN, GPTQ)})
 
 
 def register_method(method: Method) -> Method:

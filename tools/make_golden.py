@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import refquant as rq  # noqa: E402
 from refquant import golden  # noqa: E402
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: SmoothQuant / AWQ / AWEQ cases
 N_SEQUENCES = 8  # sqrt(2 / 8) = 0.5: the Hessian's scaling is exact
 X_EXP = 6
 
@@ -54,6 +54,39 @@ PARITY_RULES = {
     "hessian": {
         "max_rel_err": 1e-6,
         "text": "max |H_backend - H_ref| / max |H_ref| <= 1e-6 (the golden inputs make fp32 accumulation exact)",
+    },
+    # Issue 5: the equalization methods, one linear each (refquant/golden.py EQUALIZATION_RUNNERS).
+    "smoothquant": {
+        "tie_eps": 1e-6,
+        "w_hat_ulps": 4,
+        "text": "s bit-identical (the reference formula on the exact channel absmax); codes of W diag(s) (absmax "
+                "per channel) and per-token activation codes of X diag(s)^-1 identical except within tie_eps "
+                "(relative) of a rounding tie, then off by at most 1; where codes agree, W_hat within w_hat_ulps "
+                "float32 ulps of max(|W_hat|, scale)",
+    },
+    "awq": {
+        "loss_rtol": 1e-10,
+        "scales_rtol": 1e-12,
+        "min_clip_identical": 0.99,
+        "clip_err_rtol": 1e-10,
+        "tie_eps": 1e-5,
+        "w_hat_ulps": 4,
+        "text": "the searches run in float64 on every backend: every grid loss within loss_rtol of the reference's; "
+                "the chosen ratio is the reference's, or its reference loss is within loss_rtol of the minimum (a "
+                "near tie). With the same ratio: scales within scales_rtol; >= min_clip_identical of the (row, group) "
+                "clip candidates identical, every other one a near tie (reference clip error within clip_err_rtol of "
+                "the reference's choice). Final float32 RTN, where the clip agrees: signed codes q - zero identical "
+                "except at rounding ties (tie_eps, then off by 1), the zero point equal or, where the reference's "
+                "was an exact tie (a symmetric clip gives zero = round(maxq / 2)), off by 1; W_hat within w_hat_ulps "
+                "float32 ulps",
+    },
+    "aweq": {
+        "tie_eps": 1e-6,
+        "w_hat_ulps": 4,
+        "bias_rtol": 1e-4,
+        "text": "s bit-identical (eq. (10) on the exact ranges); codes of W diag(s) identical except at rounding ties "
+                "(tie_eps), W_hat within w_hat_ulps float32 ulps; for rows whose codes all agree, the bias within "
+                "bias_rtol of sum_j |W_hat - W diag(s)|_rj |E[x]_j / s_j| of the reference",
     },
 }
 
@@ -108,9 +141,52 @@ def case_grid():
             slow = shape == "llama4096" and (bits, sym, gs, act) not in covering and (bits, static) != (4, True)
             yield "gptq", shape, name, {"spec": spec, "kwargs": kwargs}, slow
     yield "hessian", "nasty256", "nasty256", {}, False
+    yield from equalization_case_grid()
 
 
-def rule_for(method: str) -> dict:
+def equalization_case_grid():
+    """SmoothQuant, AWQ and AWEQ cases: (method, shape, name, params, slow); each runs in well under a second."""
+    for shape in ("llama4096", "odd1000", "nasty256"):
+        for bits, alpha in ((8, 0.85), (8, 0.5), (6, 0.85), (4, 0.85)):
+            params = {"spec": {"bits": bits, "group_size": None, "rule": "absmax"}, "alpha": alpha}
+            if shape == "nasty256":
+                params["act_bits"] = bits  # activation codes: (8 x 32 x 256) int8 per case
+            yield "smoothquant", shape, f"{shape}_w{bits}_alpha{alpha}", params, False
+    for shape in ("llama4096", "odd1000", "nasty256"):
+        configs = [(4, 128, False, 512), (3, 128, False, 100), (3, None, False, 512)]
+        if shape != "nasty256":  # its all-zero row and group make the first-release formula 0/0 (a ValueError)
+            configs.append((4, 128, True, 512))
+        for bits, gs, duo, n_tok in configs:
+            params = {"spec": {"bits": bits, "group_size": gs, "rule": "awq"}, "n_grid": 20, "duo_scaling": duo,
+                      "clip_n_grid": 20, "clip_n_sample_tokens": n_tok}
+            name = (f"{shape}_w{bits}_{'g' + str(gs) if gs else 'perchannel'}{'_duo' if duo else ''}"
+                    f"{'_sample' + str(n_tok) if n_tok != 512 else ''}")
+            yield "awq", shape, name, params, False
+    for shape in ("llama4096", "odd1000", "nasty256"):
+        for bits, per_tensor in ((8, True), (4, True), (3, True), (4, False)):
+            spec = ({"bits": bits, "per_tensor": True, "sym": False, "rule": "gptq"} if per_tensor
+                    else {"bits": bits, "group_size": 128, "sym": False})
+            yield "aweq", shape, f"{shape}_w{bits}_{'pertensor' if per_tensor else 'g128'}", {"spec": spec}, False
+
+
+def rule_for(method: str, params: dict | None = None) -> dict:
+    if method == "smoothquant":
+        act = ["act_codes"] if (params or {}).get("act_bits") else []
+        return {"exact": ["codes", "g_idx"] + act, "bitwise": ["s", "scale", "zero"] + (["act_step"] if act else []),
+                "bitwise_everywhere": False, "cross_platform_rtol": 1e-12,
+                "text": "codes identical everywhere; s (x^alpha / w^(1-alpha): libm pow) and the quantizer floats "
+                        "bit for bit on the generating platform, within rtol 1e-12 elsewhere"}
+    if method == "awq":
+        return {"exact": ["best_k", "codes", "g_idx"],
+                "bitwise": ["scales", "losses", "clip_max_val", "clip_losses", "scale", "zero"],
+                "bitwise_everywhere": False, "cross_platform_rtol": 1e-9,
+                "text": "chosen ratio and codes identical everywhere; floats bit for bit on the generating platform, "
+                        "within rtol 1e-9 where NumPy/BLAS/CPU differ (matmul order in the losses)"}
+    if method == "aweq":
+        return {"exact": ["codes", "g_idx"], "bitwise": ["s", "scale", "zero", "bias"], "bitwise_everywhere": False,
+                "cross_platform_rtol": 1e-9,
+                "text": "codes identical everywhere; floats bit for bit on the generating platform, within rtol 1e-9 "
+                        "elsewhere (the bias is a BLAS matrix-vector product)"}
     if method == "rtn":
         return {"exact": ["codes", "g_idx"], "bitwise": ["scale", "zero"], "bitwise_everywhere": True,
                 "cross_platform_rtol": 0.0,
@@ -151,7 +227,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "golden", help="golden directory (default: golden/)")
     ap.add_argument("--check", action="store_true", help="do not write; report cases whose outputs would change")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated methods: a partial golden set (for trying cases out in a temp --out; "
+                         "refused for golden/ itself)")
     args = ap.parse_args(argv)
+    only = set(args.methods.split(",")) if args.methods else None
+    if only is not None and (args.check or args.out.resolve() == (ROOT / "golden").resolve()):
+        ap.error("--methods writes a partial golden set: use it with a temporary --out, not golden/ or --check.")
 
     files: dict[str, bytes] = {}
     manifest_cases = {}
@@ -161,9 +243,11 @@ def main(argv=None) -> int:
         inputs[shape] = make_inputs(shape)
         files[f"inputs/{shape}.npz"] = npz_bytes(inputs[shape])
     for method, shape, name, params, slow in case_grid():
+        if only is not None and method not in only:
+            continue
         arrays = inputs[shape]
         case = golden.GoldenCase(name=f"{method}/{name}", method=method, file=f"{method}/{name}.npz", sha256="",
-                                 params=params, rule=rule_for(method), slow=slow)
+                                 params=params, rule=rule_for(method, params), slow=slow)
         t = time.time()
         out = golden.run_case(case, arrays)
         out.pop("W_hat", None)  # derived: dequantize(codes, scale, zero)
