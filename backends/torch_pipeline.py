@@ -27,8 +27,7 @@ from refquant.progress import progress
 log = logging.getLogger("refquant")
 
 
-class CalibrationOverflow(FloatingPointError):
-    """Non-finite activations during calibration (fp16/bf16 overflow or NaN weights)."""
+from refquant.pipeline import CalibrationOverflow  # noqa: E402  (re-exported)
 
 
 def load_model(path_or_id: str, dtype=torch.bfloat16, device: str = "cpu"):
@@ -115,6 +114,7 @@ class HFRunner:
         return out
 
     def load_layer(self, i: int):
+        self.current_index = i  # names the layer in overflow errors
         if self.layer_source is not None:
             return self.layer_source(i)
         return self.model.model.layers[i].to(self.device)
@@ -128,15 +128,22 @@ class HFRunner:
             del layer
 
     @torch.no_grad()
-    def forward(self, layer, acts, hooks: llama.LinearHooks | None = None, index: int | None = None):
-        out = torch.empty_like(acts)
+    def forward(self, layer, acts, hooks: llama.LinearHooks | None = None, index: int | None = None,
+                keep_output: bool = True):
+        """Run ``layer`` on all sequences of ``acts``; ``keep_output=False`` (statistics passes) keeps
+        no output buffer. Non-finite outputs raise :class:`CalibrationOverflow` naming the linear."""
+        out = torch.empty_like(acts) if keep_output else None
         pe = self.position_embeddings(acts.shape[1])
+        finite = torch.ones((), dtype=torch.bool, device=acts.device)
         with linear_hooks(layer, hooks):
             for s in range(0, acts.shape[0], self.batch_size):
-                out[s:s + self.batch_size] = _layer_output(
-                    layer(acts[s:s + self.batch_size], attention_mask=None, position_embeddings=pe))
-        if not bool(torch.isfinite(out).all()):
-            raise CalibrationOverflow(self._locate_overflow(layer, acts, pe, index))
+                y = _layer_output(layer(acts[s:s + self.batch_size], attention_mask=None, position_embeddings=pe))
+                finite &= torch.isfinite(y).all()
+                if keep_output:
+                    out[s:s + self.batch_size] = y
+        if not bool(finite):
+            raise CalibrationOverflow(self._locate_overflow(layer, acts, pe, index if index is not None
+                                                            else getattr(self, "current_index", None)))
         return out
 
     def _locate_overflow(self, layer, acts, pe, index) -> str:
@@ -287,19 +294,28 @@ def window_losses(model, tokens: np.ndarray, seqlen: int = 2048, device="cpu", b
         model.to(device)
 
         def final(s):  # LlamaModel's last_hidden_state is after the final RMSNorm
-            return model.model(ids[s:s + batch_size].to(device)).last_hidden_state
+            return model.model(ids[s:s + batch_size].to(device), use_cache=False).last_hidden_state
     head = model.lm_head.to(device)
-    losses = []
+    labels_all = ids[:, 1:].to(device)
+    losses = torch.empty(n, dtype=torch.float64, device=device)
     for s in progress(range(0, n, batch_size), total=(n + batch_size - 1) // batch_size, desc=desc):
         hidden = final(s)
         for b in range(hidden.shape[0]):
-            logits = head(hidden[b]).float()
-            labels = ids[s + b, 1:].to(device)
-            loss = torch.nn.functional.cross_entropy(logits[:-1], labels)
-            if not bool(torch.isfinite(loss)):
-                raise FloatingPointError(f"window {s + b}: non-finite loss {float(loss)}")
-            losses.append(float(loss))
+            losses[s + b] = _window_loss(head, hidden[b, :-1], labels_all[s + b])
+    losses = losses.tolist()  # one device sync for the whole evaluation
+    bad = [i for i, v in enumerate(losses) if not np.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"non-finite loss in window(s) {bad[:5]}: {[losses[i] for i in bad[:5]]}")
     return losses
+
+
+def _window_loss(head, hidden, labels, chunk: int = 512):
+    """Mean cross-entropy of one window, float32 logits computed ``chunk`` positions at a time."""
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for p in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[p:p + chunk]).float()
+        total += torch.nn.functional.cross_entropy(logits, labels[p:p + chunk], reduction="sum").double()
+    return total / hidden.shape[0]
 
 
 def perplexity(model, tokens: np.ndarray, seqlen: int = 2048, device="cpu", batch_size: int = 4,

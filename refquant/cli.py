@@ -142,7 +142,7 @@ def cmd_quantize(a) -> int:
 
 
 def result_act_quant(loaded) -> dict:
-    return runs._act_quant_to_json(loaded.act_quant)
+    return runs.act_quant_to_json(loaded.act_quant)
 
 
 def _calib_signature(info: dict | None) -> dict:

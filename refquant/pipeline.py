@@ -48,6 +48,11 @@ TRUE_SEQUENTIAL = ((K, V, Q), (O,), (UP, GATE), (DOWN,))
 """Quantization order of GPTQ's ``--true-sequential`` (``llama.py``)."""
 
 
+class CalibrationOverflow(FloatingPointError):
+    """Non-finite activations during calibration (fp16/bf16 overflow, NaN/Inf weights), with the
+    layer and linear where they first appear."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Configuration
 
@@ -204,13 +209,22 @@ class LayerContext:
             if name in wanted:
                 timer.sync()
                 t = time.perf_counter()
-                stats[wanted[name]].add(x)
+                try:
+                    stats[wanted[name]].add(x)
+                except ValueError as e:
+                    if "non-finite" not in str(e):
+                        raise
+                    raise CalibrationOverflow(
+                        f"non-finite activations at the input of model.layers.{self.index}.{name} ({e}) -- "
+                        "fp16 overflows above 65504: run in bfloat16 or float32, or check the weights."
+                    ) from None
                 timer.sync()
                 t_stats[0] += time.perf_counter() - t
             return self._act_hook(name, x)
 
         with timer.stage("calibration_forward"):
-            self.runner.forward(self.layer, self.inputs, llama.LinearHooks(on_input=on_input, on_output=self._out_hook))
+            self.runner.forward(self.layer, self.inputs, llama.LinearHooks(on_input=on_input, on_output=self._out_hook),
+                                keep_output=False)
         timer.add("calibration_forward", -t_stats[0])
         timer.add("statistics", t_stats[0])
         return stats
@@ -379,7 +393,8 @@ class QuantizationResult:
 
 def quantize_model(runner: Runner, config: QuantConfig, calib_ids: np.ndarray | None,
                    on_layer: Callable[[LayerRecord, object], None] | None = None, start_layer: int = 0,
-                   replay: Callable[[int, object], None] | None = None) -> QuantizationResult:
+                   replay: Callable[[int, object], None] | None = None, keep_quantized: bool = True,
+                   timer: StageTimer | None = None) -> QuantizationResult:
     """Quantize every decoder layer of ``runner``'s model in order.
 
     Args:
@@ -391,10 +406,13 @@ def quantize_model(runner: Runner, config: QuantConfig, calib_ids: np.ndarray | 
         start_layer, replay: resume support -- layers ``< start_layer`` are already done;
             ``replay(i, layer)`` loads layer i's saved quantized state into ``layer`` so that the
             calibration inputs are propagated exactly as in the original run.
+        keep_quantized: keep every layer's codes/scales/zeros in the result (as host NumPy
+            arrays); False drops them after ``on_layer`` (long runs that write each layer to disk).
+        timer: a :class:`StageTimer` to fill (the caller keeps the stage times even if the run stops).
     """
     method = METHODS[config.method]
     n_layers = runner.config.num_hidden_layers
-    timer = StageTimer(getattr(runner, "sync", None))
+    timer = timer or StageTimer(getattr(runner, "sync", None))
     t_start = time.perf_counter()
     acts = None
     if method.needs_calibration:
@@ -434,11 +452,19 @@ def quantize_model(runner: Runner, config: QuantConfig, calib_ids: np.ndarray | 
             if on_layer is not None:
                 on_layer(record, layer)
             runner.finish_layer(i, layer)
+        record.quantized = {n: _on_host(qw, runner.ops) for n, qw in record.quantized.items()} if keep_quantized else {}
         records.append(record)
         log.info("layer %d/%d done in %.2fs", i + 1, n_layers, record.seconds)
     timings = dict(timer.seconds)
     timings["total"] = time.perf_counter() - t_start
     return QuantizationResult(config, records, timings)
+
+
+def _on_host(qw: QuantizedWeight, ops) -> QuantizedWeight:
+    """The quantized weight with its arrays moved to host memory (NumPy); GPU memory is freed."""
+    to_numpy = getattr(ops, "to_numpy", np.asarray)
+    info = {k: (to_numpy(v) if hasattr(v, "shape") else v) for k, v in qw.info.items()}
+    return QuantizedWeight(to_numpy(qw.codes), to_numpy(qw.scale), to_numpy(qw.zero), to_numpy(qw.g_idx), qw.spec, info)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,11 +504,11 @@ class NumpyRunner:
     def finish_layer(self, i, layer):
         self.model.layers[i] = layer
 
-    def forward(self, layer, acts, hooks=None):
+    def forward(self, layer, acts, hooks=None, keep_output: bool = True):
         cos, sin = self.rope(acts.shape[1])
         hooks = hooks or llama.NO_HOOKS
-        return np.concatenate([llama.decoder_layer(layer, acts[j:j + 1], self.config, cos, sin, hooks)
-                               for j in range(acts.shape[0])])
+        outs = [llama.decoder_layer(layer, acts[j:j + 1], self.config, cos, sin, hooks) for j in range(acts.shape[0])]
+        return np.concatenate(outs) if keep_output else None
 
     def block(self, layer, kind, x, weights):
         """Output of the attention (``kind="attn"``) or MLP (``"mlp"``) of ``layer`` on its input

@@ -111,7 +111,7 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, backend: str = "auto", device
     cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
     recipe = {}
     if (path / "refquant.json").exists():
-        recipe = _act_quant_from_json(json.loads((path / "refquant.json").read_text()).get("act_quant", {}))
+        recipe = act_quant_from_json(json.loads((path / "refquant.json").read_text()).get("act_quant", {}))
     if backend == "numpy":
         if not path.is_dir():
             raise FileNotFoundError(f"the numpy backend reads local checkpoints; {model!r} is not a directory.")
@@ -132,13 +132,13 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, backend: str = "auto", device
 # Quantization with per-layer checkpoints
 
 
-def _act_quant_to_json(recipe: dict) -> dict:
+def act_quant_to_json(recipe: dict) -> dict:
     from dataclasses import asdict
 
     return {str(i): {n: asdict(a) for n, a in aq.items()} for i, aq in recipe.items()}
 
 
-def _act_quant_from_json(obj: dict) -> dict:
+def act_quant_from_json(obj: dict) -> dict:
     return {int(i): {n: pipeline.ActQuant(**a) for n, a in aq.items()} for i, aq in obj.items()}
 
 
@@ -168,7 +168,7 @@ class LayerStore:
             if name not in record.quantized:  # e.g. a method that changes a weight without quantizing it
                 tensors[name] = self.ops.to_numpy(runner.get(layer, name))
         meta = {"index": record.index, "seconds": record.seconds, "info": record.info,
-                "act_quant": _act_quant_to_json({record.index: record.act_quant}).get(str(record.index), {}),
+                "act_quant": act_quant_to_json({record.index: record.act_quant}).get(str(record.index), {}),
                 "specs": {n: qw.spec.__dict__ for n, qw in record.quantized.items()}}
         self.dir.mkdir(parents=True, exist_ok=True)
         safetensors_io.write(self.dir / f"layer_{record.index:03d}.safetensors", tensors)
@@ -199,7 +199,7 @@ class LayerStore:
                 runner.set(layer, name, runner.ops.like(t[name], runner.get(layer, name)))
             if f"{name}.bias" in t:
                 runner.set(layer, name + ".bias", runner.ops.like(t[f"{name}.bias"], runner.get(layer, name)))
-        runner.saved_act_quant[i] = _act_quant_from_json({i: meta["act_quant"]}).get(i, {})
+        runner.saved_act_quant[i] = act_quant_from_json({i: meta["act_quant"]}).get(i, {})
 
     def records(self, n_layers: int) -> list[dict]:
         return [json.loads((self.dir / f"layer_{i:03d}.json").read_text()) for i in range(n_layers)]
@@ -237,7 +237,8 @@ def quantize(loaded: LoadedModel, config: pipeline.QuantConfig, calib_ids: np.nd
             write_json_atomic(store.run_file(), signature)
         on_layer = lambda record, layer: store.write(record, layer, runner)  # noqa: E731
         replay = lambda i, layer: store.replay(i, layer, runner)  # noqa: E731
-    result = pipeline.quantize_model(runner, config, calib_ids, on_layer=on_layer, start_layer=start, replay=replay)
+    result = pipeline.quantize_model(runner, config, calib_ids, on_layer=on_layer, start_layer=start, replay=replay,
+                                     keep_quantized=out_dir is None)  # with out_dir the codes live on disk
     loaded.act_quant = {r.index: r.act_quant for r in result.layers if r.act_quant}
     if start and out_dir is not None:  # the resumed layers' activation quantizers come from disk
         loaded.act_quant.update({i: aq for i, aq in runner.saved_act_quant.items() if aq})
