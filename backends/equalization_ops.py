@@ -438,7 +438,7 @@ if torch is not None:
             numel = sum(o.numel() for o in org)
 
             def loss_of(weights):
-                acc = 0.0
+                acc = torch.zeros((), dtype=torch.float64, device=org[0].device)  # one host sync per candidate
                 for p, o in zip(parts, org):
                     out = block(X[p], weights)
                     if tuple(out.shape) != tuple(o.shape):
@@ -446,7 +446,8 @@ if torch is not None:
                                          f"{tuple(o.shape)} for the originals.")
                     wd = torch.float64 if o.dtype == torch.float64 else torch.float32
                     d = o.to(wd) - out.to(wd)
-                    acc += float((d * d).sum(dtype=torch.float64))
+                    acc += (d * d).sum(dtype=torch.float64)
+                acc = float(acc)
                 if not np.isfinite(acc):
                     raise ValueError("block output with a candidate scale is not finite (NaN or Inf); check block and "
                                      "inputs.")

@@ -405,12 +405,15 @@ class AWQMethod(_pl.Method):
         for g in groups:
             Ws = [ctx.get(n) for n in g.linears]
             if g.block is not None:
-                res = ops.awq_search_scale(stats[g.input].inputs, Ws, spec, block=self._block(ctx, g), n_grid=N_GRID,
+                X = stats[g.input].inputs
+                stats[g.input] = None  # only the concatenated inputs stay alive during the search
+                res = ops.awq_search_scale(X, Ws, spec, block=self._block(ctx, g), n_grid=N_GRID,
                                            duo_scaling=cfg.duo_scaling, chunk=chunk)
+                del X
             else:
                 res = ops.awq_search_scale_stats(stats[g.input], Ws, spec, n_grid=N_GRID, duo_scaling=cfg.duo_scaling,
                                                  n_sequences=n_sequences)
-            stats[g.input] = None  # free the kept inputs before the next group's search
+                stats[g.input] = None
             scales[g.input] = res.scales
             info["groups"][g.input] = {"ratio": float(res.best_ratio), "loss": float(res.best_loss),
                                        "loss_ratio0": float(res.losses[0])}
