@@ -397,7 +397,7 @@ def compare_to_reference(case: GoldenCase, expected: dict, got: dict, manifest: 
         if e.shape != g.shape:
             problems.append(f"{key}: shape {g.shape} != golden {e.shape}")
         elif bitwise_everywhere or same_platform:
-            if not np.array_equal(e.view(np.uint8), np.ascontiguousarray(g, dtype=e.dtype).view(np.uint8)):
+            if np.ascontiguousarray(e).tobytes() != np.ascontiguousarray(g, dtype=e.dtype).tobytes():
                 problems.append(f"{key}: must be bit-identical; max |diff| = {np.max(np.abs(e - g)):.3e}")
         elif not np.allclose(g, e, rtol=rtol, atol=0):
             problems.append(f"{key}: beyond the cross-platform rtol {rtol:g}: max rel diff "

@@ -1,0 +1,73 @@
+"""The golden state is intact and the current reference reproduces every case.
+
+A reference change that moves a golden output fails here; regenerating golden/ with
+``python tools/make_golden.py`` is then a deliberate act, committed with the reason.
+"""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from refquant import golden
+
+MANIFEST = golden.load_manifest()
+CASES = golden.cases(manifest=MANIFEST)
+
+
+def test_manifest_records_provenance():
+    gen = MANIFEST["generator"]
+    assert MANIFEST["format_version"] == golden.FORMAT_VERSION
+    for key in ("tool", "version", "git_commit", "numpy", "platform", "refquant"):
+        assert gen[key], key
+    assert set(MANIFEST["parity_rules"]) >= {"rtn", "gptq", "hessian"}
+    methods = {c.method for c in CASES}
+    assert methods >= {"rtn", "gptq", "hessian"}
+    # the configurations the golden set must cover
+    specs = [c.params.get("spec", {}) for c in CASES]
+    assert {s.get("bits") for s in specs} >= {2, 3, 4, 8}
+    assert {s.get("sym") for s in specs} >= {True, False}
+    assert {s.get("group_size") for s in specs} >= {None, 128}
+    assert {c.params["kwargs"]["act_order"] for c in CASES if c.method == "gptq"} == {True, False}
+    assert any(c.input.endswith("llama4096.npz") for c in CASES)
+
+
+def test_every_file_matches_its_hash():
+    for case in CASES:
+        case.load()  # raises GoldenError on a missing or corrupted file
+
+
+def test_corrupted_file_fails_with_a_clear_message(tmp_path, monkeypatch):
+    case = next(c for c in CASES if c.method == "rtn")
+    dst = tmp_path / "golden"
+    shutil.copytree(golden.golden_dir(), dst, ignore=shutil.ignore_patterns("models"))
+    path = dst / case.file
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    monkeypatch.setenv("REFQUANT_GOLDEN_DIR", str(dst))
+    with pytest.raises(golden.GoldenError, match="corrupted.*make_golden"):
+        case.load()
+
+
+def test_a_moved_output_is_detected():
+    """The comparison itself can fail: one code changed by one step is reported."""
+    case = next(c for c in CASES if c.method == "gptq" and not c.slow)
+    arrays = case.load()
+    got = {k: arrays[k].copy() for k in case.rule["exact"] + case.rule["bitwise"]}
+    got["codes"].flat[7] ^= 1
+    got["scale"] = np.nextafter(got["scale"], np.inf)
+    problems = golden.compare_to_reference(case, arrays, got, MANIFEST)
+    assert any(p.startswith("codes") for p in problems)
+    assert any(p.startswith("scale") for p in problems) or not golden.platform_fingerprint() == MANIFEST["generator"]["platform"]
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.slow else []) for c in CASES]
+)
+def test_reference_reproduces_golden(case):
+    arrays = case.load()
+    got = golden.run_case(case, arrays)
+    problems = golden.compare_to_reference(case, arrays, got, MANIFEST)
+    assert not problems, f"{case.name} ({case.rule['text']}):\n  " + "\n  ".join(problems)
