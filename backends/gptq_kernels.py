@@ -11,7 +11,7 @@ For a block of ``n <= blocksize`` columns ``[i1, i2)`` (processing order) GPTQ d
 
 Rows are independent, so :func:`block_update` launches one Triton program per tile of ``BLOCK_R``
 rows; the program holds its ``[BLOCK_R, BLOCK_C]`` fp32 block in registers and loops over the
-columns. Because ``U1`` is upper triangular, ``err * U1[i, :]`` is exactly zero left of column i,
+columns (float32 or float64: the tiles take W's dtype). Because ``U1`` is upper triangular, ``err * U1[i, :]`` is exactly zero left of column i,
 so the kernel updates the whole tile (no dynamic slicing) without changing any earlier column.
 Outputs: the codes (uint8, written straight into the caller's code matrix) and ``Err1`` (fp32);
 the lazy update of the later columns stays a cuBLAS matmul in the caller.
@@ -81,15 +81,24 @@ if HAVE_TRITON:
         return tl.where(frac > 0.5, f + 1.0, tl.where(frac < 0.5, f, f + odd))
 
     @triton.jit
+    def _div_rn(a, b, FP64: tl.constexpr):
+        # IEEE round-to-nearest division: div_rn for fp32 (Triton's "/" is approximate there);
+        # fp64 division is always IEEE (div.rn.f64)
+        if FP64:
+            return a / b
+        else:
+            return tl.math.div_rn(a, b)
+
+    @triton.jit
     def _gptq_block_kernel(
-        W_ptr, stride_wr, stride_wc,          # block of W, (rows, ncols) fp32, read only
+        W_ptr, stride_wr, stride_wc,          # block of W, (rows, ncols) fp32 or fp64, read only
         U_ptr, stride_ur, stride_uc,          # U[i1:i2, i1:i2], upper triangular
-        S_ptr, Z_ptr, stride_sr, stride_sg,   # group params (rows, n_groups) fp32
+        S_ptr, Z_ptr, stride_sr, stride_sg,   # group params (rows, n_groups), W's dtype
         G_ptr,                                # group of each block column, int64 (ncols,)
         Q_ptr, stride_qr, stride_qc,          # codes out, uint8 (rows, ncols) view
-        E_ptr, stride_er, stride_ec,          # Err1 out, fp32 (rows, ncols)
+        E_ptr, stride_er, stride_ec,          # Err1 out, W's dtype (rows, ncols)
         rows, ncols, maxq,
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, FP64: tl.constexpr,
     ):
         pid = tl.program_id(0)
         offs_r = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -99,8 +108,8 @@ if HAVE_TRITON:
         mask2 = rmask[:, None] & cmask[None, :]
 
         tile = tl.load(W_ptr + offs_r[:, None] * stride_wr + offs_c[None, :] * stride_wc, mask=mask2, other=0.0)
-        err_tile = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-        code_tile = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        err_tile = tl.zeros((BLOCK_R, BLOCK_C), dtype=W_ptr.dtype.element_ty)  # fp32 or fp64, as W
+        code_tile = tl.zeros((BLOCK_R, BLOCK_C), dtype=W_ptr.dtype.element_ty)
         for i in range(BLOCK_C):
             active = i < ncols
             sel = (offs_c == i)[None, :]
@@ -108,11 +117,11 @@ if HAVE_TRITON:
             g = tl.load(G_ptr + i, mask=active, other=0)
             s = tl.load(S_ptr + offs_r * stride_sr + g * stride_sg, mask=rmask & active, other=1.0)
             z = tl.load(Z_ptr + offs_r * stride_sr + g * stride_sg, mask=rmask & active, other=0.0)
-            code = _round_half_even(tl.math.div_rn(w, s)) + z
+            code = _round_half_even(_div_rn(w, s, FP64)) + z
             code = tl.minimum(tl.maximum(code, 0.0), maxq)
             q = s * (code - z)
             d = tl.load(U_ptr + i * stride_ur + i * stride_uc, mask=active, other=1.0)
-            e = tl.math.div_rn(w - q, d)
+            e = _div_rn(w - q, d, FP64)
             u = tl.load(U_ptr + i * stride_ur + offs_c[None, :] * stride_uc, mask=cmask[None, :] & active, other=0.0)
             tile = tile - e[:, None] * u  # u is [1, BLOCK_C] in the tile's layout (no conversion)
             err_tile = tl.where(sel, e[:, None], err_tile)
@@ -154,12 +163,13 @@ def block_update_triton(Wb, Ub, S, Z, gidx, maxq: int, codes_out, err_out) -> No
         codes_out, codes_out.stride(0), codes_out.stride(1),
         err_out, err_out.stride(0), err_out.stride(1),
         rows, ncols, float(maxq),
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps, enable_fp_fusion=False,
+        BLOCK_R=block_r, BLOCK_C=block_c, FP64=Wb.dtype == torch.float64, num_warps=num_warps,
+        enable_fp_fusion=False,
     )
 
 
 def block_update_torch(Wb, Ub, S, Z, gidx, maxq: int, codes_out, err_out) -> None:
-    """The block loop in plain torch ops: the reference's arithmetic in float32 (CPU/CI path)."""
+    """The block loop in plain torch ops: the reference's arithmetic in W's dtype (CPU/CI path)."""
     W1 = Wb.clone()
     groups = gidx.tolist()
     for i in range(W1.shape[1]):
@@ -181,11 +191,11 @@ def block_update(Wb, Ub, S, Z, gidx, maxq: int, codes_out, err_out, use_triton: 
     """Quantize one block: Triton when usable (``use_triton=None``: auto), else torch ops.
 
     Args:
-        Wb: (rows, ncols) fp32 view of W's block (read only).
-        Ub: (ncols, ncols) fp32 view of ``U[i1:i2, i1:i2]``.
-        S, Z: (rows, n_groups) fp32 group parameters; ``gidx`` (ncols,) int64 group of each column.
+        Wb: (rows, ncols) view of W's block (read only), float32 or float64.
+        Ub: (ncols, ncols) view of ``U[i1:i2, i1:i2]``, W's dtype.
+        S, Z: (rows, n_groups) group parameters (W's dtype); ``gidx`` (ncols,) int64 group of each column.
         codes_out: (rows, ncols) uint8 view to write the codes into.
-        err_out: (rows, ncols) fp32 buffer for ``Err1``.
+        err_out: (rows, ncols) buffer for ``Err1`` (W's dtype).
     In auto mode a Triton failure is logged once and the torch path is used from then on.
     """
     global _TRITON_BROKEN

@@ -111,13 +111,13 @@ def _check_square(H, n: int, name: str = "H") -> None:
     _check_finite(H, name)
 
 
-def _weight_fp32(W, name: str = "W", device=None):
-    """Validated float32 copy of a weight (never aliases the caller's tensor)."""
+def _weight_fp32(W, name: str = "W", device=None, dtype=torch.float32):
+    """Validated float32 (or ``dtype``) copy of a weight (never aliases the caller's tensor)."""
     W = _as_tensor(W, name)
     _check_matrix(W, name)
     if not W.is_floating_point():
         W = W.double()
-    return W.to(device=device if device is not None else W.device, dtype=torch.float32, copy=True)
+    return W.to(device=device if device is not None else W.device, dtype=dtype, copy=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,7 +206,8 @@ def find_params(x, spec: QuantSpec):
         scale, zero = _params_absmax(x, int(spec.bits))
     else:
         scale, zero = _params_gptq(x, spec)
-    return scale.float(), zero.float()
+    out = torch.float64 if x.dtype == torch.float64 else torch.float32  # GPTQ's fp64 working copies keep fp64
+    return scale.to(out), zero.to(out)
 
 
 def _params_gptq(x, spec: QuantSpec):
@@ -395,36 +396,45 @@ class TorchHessianAccumulator:
 # --------------------------------------------------------------------------------------------
 
 FP64_FACTOR_MAX = 16384
-"""Largest H (n x n) factored in float64; above it (LLaMA3-70B down_proj, n = 28672) float32, which
-keeps the factorization's workspace (2 n^2 doubles otherwise) inside the 70B memory budget."""
+"""Largest in_features for which GPTQ works in float64 (factorization of H, U, the column loop and
+the lazy updates); above it (LLaMA3-70B down_proj, n = 28672) float32, which keeps the workspace
+(U and its factorization: 2 n^2 doubles otherwise) inside the 70B memory budget.
+
+Why float64: in float32 the column loop amplifies rounding through ill-conditioned Hessians -- on
+three golden cases (a rank-deficient H, 8-bit grids) fp32 GPTQ kept only 98.6-99.85% of the fp64
+reference's codes (rule: 99.9%), fp64 keeps 100%. On Hopper FP64 matmul throughput equals IEEE
+FP32's (~67 TFLOP/s), so the cost is the memory of the working copies."""
+
+
+def work_dtype(in_features: int):
+    """GPTQ's working precision for a matrix with ``in_features`` columns (see FP64_FACTOR_MAX)."""
+    return torch.float64 if in_features <= FP64_FACTOR_MAX else torch.float32
 SOLVE_CHUNK = 2048
 
 
 def upper_cholesky_of_inverse(H):
-    """``U`` upper triangular with ``H^-1 = U^T U`` (float32), or None when H is not positive definite.
+    """``U`` upper triangular with ``H^-1 = U^T U`` (in ``work_dtype(n)``), or None when H is not positive definite.
 
     With ``P`` the reversal permutation and ``L = chol(P H P)`` (lower): ``H = (P L P)(P L P)^T``
     with ``P L P`` upper triangular, so ``H^-1 = U^T U`` for ``U = (P L P)^-1 = P L^-1 P`` (upper,
     positive diagonal, hence *the* Cholesky factor the original gets from chol -> cholesky_inverse
     -> chol(upper)). One Cholesky and one triangular solve instead of two Choleskys and an inverse.
 
-    The factorization runs in float64 for ``n <= FP64_FACTOR_MAX`` (fp32 factors of ill-conditioned
-    Hessians cost GPTQ parity on the GPU: 99.7% identical codes on a test case, 100% with fp64) and
-    ``L^-1`` is solved in column chunks written straight into ``U``, so the workspace is ``L`` plus
-    one chunk.
+    Computed in :func:`work_dtype` (float64 up to ``FP64_FACTOR_MAX``); ``L^-1`` is solved in column
+    chunks written straight into ``U``, so the workspace is ``L`` plus one chunk.
     """
     n = H.shape[0]
-    work = torch.float64 if n <= FP64_FACTOR_MAX else H.dtype
+    work = work_dtype(n)
     L, info = torch.linalg.cholesky_ex(H.flip(0, 1).to(work))
     if int(info) != 0 or not bool(torch.isfinite(L).all()):
         return None
-    U = torch.empty((n, n), dtype=torch.float32, device=H.device)
+    U = torch.empty((n, n), dtype=work, device=H.device)
     for j0 in range(0, n, SOLVE_CHUNK):
         j1 = min(j0 + SOLVE_CHUNK, n)
         rhs = torch.zeros((n, j1 - j0), dtype=work, device=H.device)
         rhs[j0:j1].fill_diagonal_(1.0)
         X = torch.linalg.solve_triangular(L, rhs, upper=False)  # columns j0..j1 of L^-1
-        U[:, n - j1:n - j0] = X.flip(0, 1).to(torch.float32)    # U = P L^-1 P
+        U[:, n - j1:n - j0] = X.flip(0, 1)                      # U = P L^-1 P
         del rhs, X
     del L
     U.triu_()  # exact zeros below the diagonal (the kernel relies on U[i, :i] == 0)
@@ -457,7 +467,7 @@ def _prepare(H, cols: int, device, percdamp: float, act_order: bool, max_percdam
              shape_text: str) -> _Prepared:
     H = _as_tensor(H, "H")
     _check_square(H, cols, "H")
-    H = H.to(device=device, dtype=torch.float32, copy=True)
+    H = H.to(device=device, dtype=work_dtype(cols), copy=True)
     diag = H.diagonal()
     dead = diag == 0
     any_dead = bool(dead.any())
@@ -472,7 +482,7 @@ def _prepare(H, cols: int, device, percdamp: float, act_order: bool, max_percdam
     diag0 = diag.double().clone()
     current = percdamp
     while True:
-        diag.copy_(diag0 + current * mean_diag)  # damped diagonal rounded once to fp32
+        diag.copy_(diag0 + current * mean_diag)  # damped diagonal (rounded once to fp32 above FP64_FACTOR_MAX)
         U = upper_cholesky_of_inverse(H)
         if U is not None:
             return _Prepared(U, perm, dead, any_dead, current)
@@ -510,13 +520,13 @@ def _gptq_rows(W, prep: _Prepared, spec: QuantSpec, blocksize: int, static_group
     else:
         gidx = torch.arange(cols, device=dev) // gs
         n_groups = -(-cols // gs)
-        S = torch.empty((rows, n_groups), dtype=torch.float32, device=dev)
-        Z = torch.empty((rows, n_groups), dtype=torch.float32, device=dev)
+        S = torch.empty((rows, n_groups), dtype=W.dtype, device=dev)
+        Z = torch.empty((rows, n_groups), dtype=W.dtype, device=dev)
 
     U = prep.U
     codes = torch.empty((rows, cols), dtype=torch.uint8, device=dev)
     row_loss = torch.zeros(rows, dtype=torch.float64, device=dev)
-    err = torch.empty((rows, min(blocksize, cols)), dtype=torch.float32, device=dev)
+    err = torch.empty((rows, min(blocksize, cols)), dtype=W.dtype, device=dev)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         n = i2 - i1
@@ -553,7 +563,8 @@ def _check_gptq_args(spec, blocksize, percdamp, static_groups):
 
 def _result(codes, S, Z, gidx, spec, loss: float, prep: _Prepared, cols: int) -> QuantizedWeight:
     perm = prep.perm if prep.perm is not None else torch.arange(cols, device=codes.device)
-    return QuantizedWeight(codes=codes, scale=S, zero=Z, g_idx=gidx, spec=spec,
+    # stored as float32 (the working copy may be float64): codes uint8 + fp32 scale/zero per (row, group)
+    return QuantizedWeight(codes=codes, scale=S.float(), zero=Z.float(), g_idx=gidx, spec=spec,
                            info={"loss": loss, "percdamp": prep.percdamp, "perm": perm})
 
 
@@ -614,6 +625,7 @@ class TorchBackend(Backend):
         _check_gptq_args(spec, blocksize, percdamp, static_groups)
         with torch.no_grad(), ieee_fp32():
             W = _weight_fp32(W)
+            W = W.to(work_dtype(W.shape[1]))
             rows, cols = W.shape
             prep = _prepare(H, cols, W.device, percdamp, act_order, max_percdamp, percdamp_step, f"{rows}x{cols}")
             codes, S, Z, gidx, row_loss = _gptq_rows(W, prep, spec, int(blocksize), static_groups, use_triton)
@@ -632,7 +644,7 @@ class TorchBackend(Backend):
         cols = check_shared(Ws)
         with torch.no_grad(), ieee_fp32():
             device = _as_tensor(Ws[0], "Ws[0]").device
-            mats = [_weight_fp32(W, f"Ws[{k}]", device=device) for k, W in enumerate(Ws)]
+            mats = [_weight_fp32(W, f"Ws[{k}]", device=device, dtype=work_dtype(cols)) for k, W in enumerate(Ws)]
             shape_text = ", ".join(f"{m.shape[0]}x{cols}" for m in mats)
             prep = _prepare(H, cols, device, percdamp, act_order, max_percdamp, percdamp_step, shape_text)
             if spec.per_tensor:
@@ -702,7 +714,7 @@ def benchmark_gptq(rows: int, cols: int, group_size: int | None = 128, device="c
                 prep = _prepare(H, cols, device, 0.01, act_order, None, 0.01, f"{rows}x{cols}")
                 sync()
                 t1 = time.perf_counter()
-                _gptq_rows(W.clone(), prep, spec, blocksize, False, use_triton)
+                _gptq_rows(W.to(work_dtype(cols), copy=True), prep, spec, blocksize, False, use_triton)
                 sync()
                 factor.append(t1 - t0)
                 blocks.append(time.perf_counter() - t1)

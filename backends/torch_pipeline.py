@@ -263,14 +263,68 @@ def act_quant_applied(model, recipe: dict, ops=None):
         yield
 
 
+def _rms_norm(x, weight, eps):
+    """transformers' LlamaRMSNorm: float32 statistics, result cast back, then the gain."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def fused_layer_forward(layer, x, cos, sin, eps: float, n_heads: int, n_kv: int, head_dim: int, fused=None):
+    """One LLaMA decoder layer with q/k/v and gate/up as single GEMMs (``fused = (W_qkv, W_gu)``).
+
+    The same arithmetic as transformers' ``LlamaDecoderLayer`` with SDPA (causal, native GQA), for
+    models without biases or activation quantizers (:func:`window_losses` checks); fewer and larger
+    GEMMs and no per-module overhead make full-model perplexity faster.
+    """
+    attn, mlp = layer.self_attn, layer.mlp
+    W_qkv, W_gu = fused if fused is not None else fuse_layer(layer)
+    B, T, _ = x.shape
+    qkv = torch.nn.functional.linear(_rms_norm(x, layer.input_layernorm.weight, eps), W_qkv)
+    q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    q = _rotate(q.view(B, T, n_heads, head_dim).transpose(1, 2), cos, sin)
+    k = _rotate(k.view(B, T, n_kv, head_dim).transpose(1, 2), cos, sin)
+    v = v.view(B, T, n_kv, head_dim).transpose(1, 2)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=head_dim ** -0.5,
+                                                         enable_gqa=n_kv != n_heads)
+    x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, n_heads * head_dim))
+    g, u = torch.nn.functional.linear(_rms_norm(x, layer.post_attention_layernorm.weight, eps), W_gu).chunk(2, dim=-1)
+    return x + mlp.down_proj(torch.nn.functional.silu(g) * u)
+
+
+def fuse_layer(layer):
+    """``(W_qkv, W_gu)``: the concatenated q/k/v and gate/up weights of a decoder layer."""
+    a, m = layer.self_attn, layer.mlp
+    return (torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+            torch.cat([m.gate_proj.weight, m.up_proj.weight]))
+
+
+def _fusable(model) -> bool:
+    layer = model.model.layers[0]
+    return all(module(layer, n).bias is None for n in llama.LINEARS) and \
+        getattr(model.config, "hidden_act", "silu") == "silu"
+
+
 @torch.no_grad()
 def window_losses(model, tokens: np.ndarray, seqlen: int = 2048, device="cpu", batch_size: int = 4,
-                  max_windows: int | None = None, stream: bool = False, desc: str = "ppl") -> list[float]:
+                  max_windows: int | None = None, stream: bool = False, desc: str = "ppl",
+                  engine: str = "auto") -> list[float]:
     """Mean cross-entropy of every non-overlapping ``seqlen`` window (float32 logits/loss).
 
-    ``stream=False``: the whole model on ``device``; ``stream=True``: the original ``llama_eval``
-    order (all windows through layer 0, then layer 1, ...) with one layer on the device at a time.
+    Engines: ``"hf"`` -- transformers' modules (``stream=False``: the whole model on ``device``;
+    ``stream=True``: the original ``llama_eval`` order, all windows through layer 0, then layer 1,
+    ..., one layer on the device at a time); ``"fused"`` -- :func:`fused_layer_forward` in the
+    layer-major order (one layer's fused weights at a time); ``"auto"``: fused where the model
+    allows it (no biases, no activation quantizer hooks), else hf.
     """
+    if engine == "auto":
+        engine = "fused" if _fusable(model) else "hf"
+    if engine == "fused":
+        return _window_losses_fused(model, tokens, seqlen, device, batch_size, max_windows, desc)
     tokens = np.asarray(tokens, dtype=np.int64)
     n = tokens.size // seqlen
     if max_windows is not None:
@@ -309,6 +363,41 @@ def window_losses(model, tokens: np.ndarray, seqlen: int = 2048, device="cpu", b
     return losses
 
 
+@torch.no_grad()
+def _window_losses_fused(model, tokens, seqlen, device, batch_size, max_windows, desc):
+    cfg = llama.LlamaConfig.from_dict(model.config.to_dict())
+    tokens = np.asarray(tokens, dtype=np.int64)
+    n = tokens.size // seqlen if max_windows is None else min(tokens.size // seqlen, int(max_windows))
+    if n == 0:
+        raise ValueError(f"{tokens.size} tokens make no window of {seqlen}.")
+    ids = torch.from_numpy(tokens[: n * seqlen].reshape(n, seqlen))
+    runner = HFRunner(model, device=device, batch_size=batch_size, keep_layers=True)
+    h = runner.embed(ids.numpy())
+    cos, sin = runner.position_embeddings(seqlen)
+    cos, sin = cos[:, None], sin[:, None]  # (1, 1, T, d): broadcast over batch and heads
+    for i in progress(range(cfg.num_hidden_layers), desc=f"{desc} layers"):
+        layer = runner.load_layer(i)
+        fused = fuse_layer(layer)
+        for s in range(0, n, batch_size):
+            h[s:s + batch_size] = fused_layer_forward(layer, h[s:s + batch_size], cos, sin, cfg.rms_norm_eps,
+                                                      cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                                                      fused)
+        del fused
+        runner.finish_layer(i, layer)
+    norm, head = model.model.norm.to(device), model.lm_head.to(device)
+    labels_all = ids[:, 1:].to(device)
+    losses = torch.empty(n, dtype=torch.float64, device=device)
+    for s in range(0, n, batch_size):
+        hidden = norm(h[s:s + batch_size])
+        for b in range(hidden.shape[0]):
+            losses[s + b] = _window_loss(head, hidden[b, :-1], labels_all[s + b])
+    losses = losses.tolist()
+    bad = [i for i, v in enumerate(losses) if not np.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"non-finite loss in window(s) {bad[:5]}: {[losses[i] for i in bad[:5]]}")
+    return losses
+
+
 def _window_loss(head, hidden, labels, chunk: int = 512):
     """Mean cross-entropy of one window, float32 logits computed ``chunk`` positions at a time."""
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
@@ -320,10 +409,11 @@ def _window_loss(head, hidden, labels, chunk: int = 512):
 
 def perplexity(model, tokens: np.ndarray, seqlen: int = 2048, device="cpu", batch_size: int = 4,
                max_windows: int | None = None, stream: bool = False, act_quant: dict | None = None,
-               desc: str = "ppl") -> PerplexityResult:
+               desc: str = "ppl", engine: str = "auto") -> PerplexityResult:
     """Perplexity with the GPTQ-lineage protocol (:func:`refquant.perplexity.perplexity_from_losses`)."""
     ctx = act_quant_applied(model, act_quant) if act_quant else contextlib.nullcontext()
     with ctx:
-        losses = window_losses(model, tokens, seqlen, device, batch_size, max_windows, stream, desc)
+        losses = window_losses(model, tokens, seqlen, device, batch_size, max_windows, stream, desc,
+                               engine="hf" if act_quant else engine)
     return PerplexityResult(ppl=perplexity_from_losses(losses, seqlen), n_windows=len(losses), seqlen=seqlen,
                             window_losses=losses)

@@ -436,6 +436,9 @@ def compare_backend(case: GoldenCase, arrays: dict, expected: dict, got: dict, r
     codes_e, codes_g = expected["codes"].astype(np.int64), got["codes"].astype(np.int64)
     same = codes_e == codes_g
     report["codes_identical_fraction"] = float(same.mean())
+    if "W_hat" not in expected:  # golden files store codes/scale/zero/g_idx; W_hat is derived
+        g = expected["g_idx"]
+        expected = dict(expected, W_hat=expected["scale"][:, g] * (codes_e - expected["zero"][:, g]))
     if case.method == "rtn":
         W = arrays["W"]
         s = expected["scale"][:, expected["g_idx"]]

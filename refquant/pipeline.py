@@ -175,6 +175,7 @@ class LayerContext:
     act_quant: dict[str, ActQuant] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     timer: StageTimer = field(default_factory=StageTimer)
+    prefetched: tuple | None = None  # (requests, stats) gathered during the FP propagation pass
 
     @property
     def ops(self):
@@ -192,13 +193,19 @@ class LayerContext:
         self.quantized[name] = qw
         self.set(name, qw.dequantize())
 
-    def collect(self, requests: dict[str, tuple[str, ...]]) -> dict:
+    def collect(self, requests: dict[str, tuple[str, ...]], keep_output: bool = False):
         """Run the layer (as it is now) on all calibration inputs; return per-input statistics.
 
         ``requests`` maps an input group (``attn_in``, ``o_in``, ``mlp_in``, ``down_in``) to the
         statistics wanted there (kinds understood by ``ops.channel_stats``: ``"H"``,
-        ``"absmax"``, ``"mean_abs"``, ``"minmax"``, ``"mean"``, ``"inputs"``).
+        ``"absmax"``, ``"mean_abs"``, ``"minmax"``, ``"mean"``, ``"inputs"``). With
+        ``keep_output`` the layer's outputs are returned too: ``(stats, outputs)``. Statistics the
+        loop already gathered for exactly these requests during the FP pass are handed out once
+        (see :meth:`Method.first_statistics`).
         """
+        if self.prefetched is not None and self.prefetched[0] == requests and not keep_output:
+            stats, self.prefetched = self.prefetched[1], None
+            return stats
         first = {group: INPUT_LINEARS[group][0] for group in requests}
         stats = {group: self.ops.channel_stats(kinds, self.runner.in_features(group)) for group, kinds in requests.items()}
         wanted = {name: group for group, name in first.items()}
@@ -223,11 +230,12 @@ class LayerContext:
             return self._act_hook(name, x)
 
         with timer.stage("calibration_forward"):
-            self.runner.forward(self.layer, self.inputs, llama.LinearHooks(on_input=on_input, on_output=self._out_hook),
-                                keep_output=False)
+            out = self.runner.forward(self.layer, self.inputs,
+                                      llama.LinearHooks(on_input=on_input, on_output=self._out_hook),
+                                      keep_output=keep_output)
         timer.add("calibration_forward", -t_stats[0])
         timer.add("statistics", t_stats[0])
-        return stats
+        return (stats, out) if keep_output else stats
 
     def hooks(self) -> llama.LinearHooks:
         """The activation quantizers chosen so far (used when propagating through this layer)."""
@@ -259,6 +267,15 @@ class Method:
 
     def quantize_layer(self, ctx: LayerContext) -> None:
         raise NotImplementedError
+
+    def first_statistics(self, ctx: LayerContext) -> dict | None:
+        """For ``propagate = "fp"``: the requests of the method's first :meth:`LayerContext.collect`.
+
+        The loop then gathers them in the same pass that computes the next layer's inputs from the
+        FP layer (one layer forward instead of two); the method's ``collect`` with exactly these
+        requests receives them. None: no fusion.
+        """
+        return None
 
     @staticmethod
     def choose_act_quant(ctx: LayerContext, absmax: dict | None = None) -> None:
@@ -436,8 +453,13 @@ def quantize_model(runner: Runner, config: QuantConfig, calib_ids: np.ndarray | 
         ctx = LayerContext(index=i, layer=layer, runner=runner, config=config, inputs=acts, timer=timer)
         fp_out = None
         if acts is not None and method.propagate == "fp":
-            with timer.stage("propagate"):
-                fp_out = runner.forward(layer, acts)
+            requests = method.first_statistics(ctx)
+            if requests:  # statistics and the next layer's inputs from one pass through the FP layer
+                stats, fp_out = ctx.collect(requests, keep_output=True)
+                ctx.prefetched = (requests, stats)
+            else:
+                with timer.stage("propagate"):
+                    fp_out = runner.forward(layer, acts)
         before = dict(timer.seconds)
         with timer.stage("quantize"):
             method.quantize_layer(ctx)

@@ -526,6 +526,11 @@ for fn in (GK.block_update_triton, GK.block_update_torch):
     fn(Wb, U, S, Z, gidx, 15, c, e); outs.append((c.clone(), e.clone()))
 res["block_codes_equal"] = torch.equal(outs[0][0], outs[1][0])
 res["block_err_equal"] = torch.equal(outs[0][1], outs[1][1])
+outs = []  # the float64 instantiation (GPTQ's working precision up to 16384 columns)
+for fn in (GK.block_update_triton, GK.block_update_torch):
+    c = torch.zeros(rows, n, dtype=torch.uint8); e = torch.zeros(rows, n, dtype=torch.float64)
+    fn(Wb.double(), U.double(), S.double(), Z.double(), gidx, 15, c, e); outs.append((c.clone(), e.clone()))
+res["block_fp64_equal"] = torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 # whole GPTQ through the backend: groups straddling blocks, act-order, a short last block
 W = torch.randn(6, 80, generator=g) * 0.02
 X = torch.randn(200, 80, generator=g)
@@ -572,10 +577,11 @@ def test_triton_kernel_compiles_for_sm90_with_ieee_arithmetic():
             return {"G_ptr": "*i64", "Q_ptr": "*u8"}.get(n, "*fp32")
         return "fp32" if n == "maxq" else "i32"
 
-    sig = {n: kind(n) for n in fn.arg_names}
-    for rows, block_c in [(4096, 128), (1024, 128), (4096, 256)]:
+    for fp64, rows, block_c in [(False, 4096, 128), (False, 1024, 128), (False, 4096, 256), (True, 4096, 128)]:
+        ft = "fp64" if fp64 else "fp32"
+        sig = {n: kind(n).replace("fp32", ft) if n != "maxq" else "fp32" for n in fn.arg_names}
         block_r, num_warps = GK.launch_config(rows, block_c)
-        src = ASTSource(fn=fn, signature=sig, constexprs={"BLOCK_R": block_r, "BLOCK_C": block_c, **ones})
+        src = ASTSource(fn=fn, signature=sig, constexprs={"BLOCK_R": block_r, "BLOCK_C": block_c, "FP64": fp64, **ones})
         try:
             k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                options={"num_warps": num_warps, "enable_fp_fusion": False})
@@ -584,8 +590,8 @@ def test_triton_kernel_compiles_for_sm90_with_ieee_arithmetic():
                 pytest.skip(f"no CUDA toolchain for ahead-of-time compile: {e}")
             raise
         ptx = k.asm["ptx"]
-        assert "fma.rn.f32" not in ptx and "div.full" not in ptx and "div.approx" not in ptx
-        assert "div.rn.f32" in ptx and "mul.rn.f32" in ptx
+        assert f"fma.rn.{ft[2:] and 'f' + ft[2:]}" not in ptx and "div.full" not in ptx and "div.approx" not in ptx
+        assert f"div.rn.f{ft[2:]}" in ptx and f"mul.rn.f{ft[2:]}" in ptx
         assert "bar.sync" not in ptx and "st.shared" not in ptx, (rows, block_c, block_r, num_warps)
 
 
@@ -737,3 +743,15 @@ def test_gpu_cupy_backend_is_the_reference():
     X = np.random.default_rng(0).standard_normal((3, 10, 64))
     acc.add_batch(X)
     np.testing.assert_allclose(acc.H.get(), rq.hessian(X), rtol=1e-12, atol=1e-12)
+
+
+def test_torch_cpu_backend_passes_the_golden_parity_rules():
+    """The parity machinery the GPU tests and the CLI preflight use, run on the CPU (fast cases)."""
+    from refquant import golden
+
+    be = get_backend("torch")
+    reports = golden.parity_check(be, methods=["rtn", "hessian", "gptq"], to_device=torch.as_tensor, to_numpy=be.to_numpy)
+    assert len(reports) > 100
+    bad = [r for r in reports if not r["ok"]]
+    assert not bad, bad[:3]
+    assert min(r["codes_identical_fraction"] for r in reports if r["method"] == "gptq") >= 0.999

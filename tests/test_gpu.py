@@ -76,10 +76,14 @@ def _bench_module():
     from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "tools" / "bench.py"
-    spec = importlib.util.spec_from_file_location("refquant_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    import sys
+
+    if "refquant_bench" not in sys.modules:  # dataclasses need the module registered while executing
+        spec = importlib.util.spec_from_file_location("refquant_bench", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["refquant_bench"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["refquant_bench"]
 
 
 def test_llama3_8b_shaped_model_quantize_and_perplexity_end_to_end():

@@ -123,12 +123,18 @@ def test_numpy_and_torch_perplexity_agree_to_1e6():
     assert abs(a - b) / a < 1e-6, (a, b)
 
 
-def test_streamed_and_whole_model_perplexity_are_identical():
+def test_perplexity_engines_agree():
+    """transformers modules (whole model or streamed) and the fused layer-major engine: same losses."""
     hf = tp.load_model(str(TINY), dtype=torch.float32)
     tokens = np.random.default_rng(5).integers(0, 4096, size=3 * 256)
-    a = tp.perplexity(hf, tokens, 256, batch_size=2).window_losses
-    b = tp.perplexity(hf, tokens, 256, batch_size=2, stream=True).window_losses
+    a = tp.perplexity(hf, tokens, 256, batch_size=2, engine="hf").window_losses
+    b = tp.perplexity(hf, tokens, 256, batch_size=2, stream=True, engine="hf").window_losses
+    c = tp.perplexity(hf, tokens, 256, batch_size=2, engine="fused").window_losses
     np.testing.assert_allclose(a, b, rtol=1e-6)
+    np.testing.assert_allclose(a, c, rtol=1e-6)
+    assert tp._fusable(hf)
+    hf.model.layers[0].mlp.down_proj.bias = torch.nn.Parameter(torch.zeros(256))  # e.g. AWEQ's bias correction
+    assert not tp._fusable(hf)
 
 
 class Crash(RuntimeError):
