@@ -330,11 +330,16 @@ class AWEQMethod(_pl.Method):
             return weight_spec(config.wbits)
         return QuantSpec(bits=config.wbits, group_size=config.group_size, sym=config.sym)
 
+    def first_statistics(self, ctx) -> dict:
+        cfg = ctx.config
+        static = cfg.abits != 16 and cfg.act_mode == "per_tensor_static"
+        kinds = ("minmax", "mean") + (("absmax",) if static else ())
+        return {g: kinds for g in _pl.INPUT_LINEARS}
+
     def quantize_layer(self, ctx) -> None:
         cfg, ops = ctx.config, ctx.ops
         static = cfg.abits != 16 and cfg.act_mode == "per_tensor_static"
-        kinds = ("minmax", "mean") + (("absmax",) if static else ())
-        stats = ctx.collect({g: kinds for g in _pl.INPUT_LINEARS})
+        stats = ctx.collect(self.first_statistics(ctx))
         spec = cfg.weight_spec()
         absmax = {}
         info = ctx.info.setdefault("aweq", {"ablation": AWEQConfig(awe=cfg.awe, bc=cfg.bc).name})

@@ -301,7 +301,6 @@ def search_clip(X, W, spec: QuantSpec, n_grid: int = CLIP_N_GRID, max_shrink: fl
 # Layer-level method for the pipeline (``refquant quantize --method awq``)
 # =============================================================================================
 
-import inspect  # noqa: E402
 
 from . import pipeline as _pl  # noqa: E402  (pipeline does not import this module at load time)
 
@@ -369,6 +368,8 @@ class AWQMethod(_pl.Method):
     5. Every linear is quantized with ``QuantSpec(wbits, group_size, rule="awq")`` (RTN).
 
     Next-layer inputs come from the FP layer (``propagate = "fp"``), as in the original.
+    ``config.awq_search_samples`` (opt-in, not the original's protocol) replays only the first that
+    many calibration sequences in the attention / MLP searches -- the bulk of the cost.
     """
 
     name = "awq"
@@ -400,12 +401,15 @@ class AWQMethod(_pl.Method):
         chunk = getattr(ctx.runner, "batch_size", None)
 
         # 1-2. search every group on the FP layer
-        stats = ctx.collect({g.input: ("inputs",) if g.block else tuple(ops.awq_linear_stats()) for g in groups})
+        stats = ctx.collect(self.first_statistics(ctx))
         scales = {}
         for g in groups:
             Ws = [ctx.get(n) for n in g.linears]
             if g.block is not None:
                 X = stats[g.input].inputs
+                if cfg.awq_search_samples is not None and cfg.awq_search_samples < int(X.shape[0]):
+                    X = _copy(X[:cfg.awq_search_samples])  # opt-in search budget (not the original's protocol)
+                    info["search_sequences"] = int(X.shape[0])
                 stats[g.input] = None  # only the concatenated inputs stay alive during the search
                 res = ops.awq_search_scale(X, Ws, spec, block=self._block(ctx, g), n_grid=N_GRID,
                                            duo_scaling=cfg.duo_scaling, chunk=chunk)
@@ -416,7 +420,8 @@ class AWQMethod(_pl.Method):
                 stats[g.input] = None
             scales[g.input] = res.scales
             info["groups"][g.input] = {"ratio": float(res.best_ratio), "loss": float(res.best_loss),
-                                       "loss_ratio0": float(res.losses[0])}
+                                       "loss_ratio0": float(res.losses[0]),
+                                       "losses": [float(v) for v in res.losses]}
         del stats
 
         # 3. apply all scales
@@ -447,6 +452,11 @@ class AWQMethod(_pl.Method):
         # 5. RTN with the AWQ quantizer
         for n in _pl.llama.LINEARS:
             ctx.set_quantized(n, ops.rtn(ctx.get(n), spec))
+
+    def first_statistics(self, ctx) -> dict:
+        """What the scale searches need from the FP layer: kept inputs of the norm-fed groups (their
+        compared module is the whole attention / MLP), the backend's statistics for single linears."""
+        return {g.input: ("inputs",) if g.block else tuple(ctx.ops.awq_linear_stats()) for g in self.groups(ctx)}
 
     @staticmethod
     def _block(ctx, g: ScalingGroup):
@@ -484,10 +494,7 @@ class AWQMethod(_pl.Method):
 
         hooks = _pl.llama.LinearHooks(on_input=on_input)
         with ctx.timer.stage("calibration_forward"):
-            if "keep_output" in inspect.signature(ctx.runner.forward).parameters:
-                ctx.runner.forward(ctx.layer, ctx.inputs, hooks, keep_output=False)  # no output buffer
-            else:
-                ctx.runner.forward(ctx.layer, ctx.inputs, hooks)
+            ctx.runner.forward(ctx.layer, ctx.inputs, hooks, keep_output=False)  # no output buffer
         return {g: _cat(parts) for g, parts in kept.items()}
 
 

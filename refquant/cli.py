@@ -53,6 +53,9 @@ def _add_method(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize-bmm-input", action="store_true", help="SmoothQuant: also quantize q/k/v outputs")
     p.add_argument("--alpha", type=float, default=0.85, help="SmoothQuant migration strength")
     p.add_argument("--duo-scaling", action="store_true", help="AWQ: the first release's x^r / w^(1-r) scales")
+    p.add_argument("--awq-search-samples", type=int, default=None, metavar="N",
+                   help="AWQ: replay only the first N calibration sequences in the attention/MLP scale searches "
+                        "(a speed budget; default: all, as the original)")
     p.add_argument("--no-awq-clip", action="store_true")
     p.add_argument("--no-awe", action="store_true", help="AWEQ: no activation-weight equalization")
     p.add_argument("--no-bc", action="store_true", help="AWEQ: no bias correction")
@@ -65,6 +68,7 @@ def config_from_args(a) -> pipeline.QuantConfig:
         static_groups=a.static_groups, true_sequential=a.true_sequential, percdamp=a.percdamp,
         blocksize=a.blocksize, max_percdamp=a.max_percdamp, abits=a.abits, act_mode=a.act_mode,
         quantize_bmm_input=a.quantize_bmm_input, alpha=a.alpha, duo_scaling=a.duo_scaling,
+        awq_search_samples=a.awq_search_samples,
         awq_clip=not a.no_awq_clip, awe=not a.no_awe, bc=not a.no_bc, aweq_per_tensor=not a.group_quant)
 
 

@@ -66,7 +66,9 @@ class QuantConfig:
     ``max_percdamp`` (opt-in damping escalation). Activations: ``abits`` (16 = not quantized),
     ``act_mode`` (``per_token`` | ``per_tensor`` | ``per_tensor_static``), ``quantize_bmm_input``
     (SmoothQuant: per-token quantize the q/k/v outputs). SmoothQuant: ``alpha``. AWQ:
-    ``duo_scaling`` (the first release's scale formula), ``awq_clip``. AWEQ: ``awe``, ``bc``,
+    ``duo_scaling`` (the first release's scale formula), ``awq_clip``, ``awq_search_samples`` (opt-in:
+    the attention / MLP scale searches replay only the first that many calibration sequences;
+    ``None`` = all, the faithful default). AWEQ: ``awe``, ``bc``,
     ``aweq_per_tensor``.
     """
 
@@ -86,6 +88,7 @@ class QuantConfig:
     alpha: float = 0.85
     duo_scaling: bool = False
     awq_clip: bool = True
+    awq_search_samples: int | None = None
     awe: bool = True
     bc: bool = True
     aweq_per_tensor: bool = True
@@ -97,6 +100,11 @@ class QuantConfig:
             raise ValueError(f"abits must be 16 (no activation quantization) or 2..8; got {self.abits}.")
         if self.act_mode not in ("per_token", "per_tensor", "per_tensor_static"):
             raise ValueError(f"act_mode must be per_token, per_tensor or per_tensor_static; got {self.act_mode!r}.")
+        if self.awq_search_samples is not None and (
+                isinstance(self.awq_search_samples, bool) or not isinstance(self.awq_search_samples, int)
+                or self.awq_search_samples < 1):
+            raise ValueError(f"awq_search_samples must be a positive int (calibration sequences) or None (all); "
+                             f"got {self.awq_search_samples!r}.")
         self.weight_spec()  # validates wbits/group_size
 
     def weight_spec(self) -> QuantSpec:
@@ -119,7 +127,7 @@ class Runner(Protocol):
     def embed(self, ids: np.ndarray): ...
     def load_layer(self, i: int): ...
     def finish_layer(self, i: int, layer) -> None: ...
-    def forward(self, layer, acts, hooks: llama.LinearHooks | None = None): ...
+    def forward(self, layer, acts, hooks: llama.LinearHooks | None = None, keep_output: bool = True): ...
     def block(self, layer, kind: str, x, weights: dict): ...
     def get(self, layer, name: str): ...
     def set(self, layer, name: str, value) -> None: ...

@@ -192,11 +192,16 @@ class SmoothQuantMethod(_pl.Method):
         """
         return QuantSpec(bits=config.wbits, rule="absmax")
 
+    def first_statistics(self, ctx) -> dict:
+        cfg = ctx.config
+        static = cfg.abits != 16 and cfg.act_mode == "per_tensor_static"
+        return {g: ("absmax",) for g in (tuple(_pl.INPUT_LINEARS) if static else tuple(_pl.NORM_OF))}
+
     def quantize_layer(self, ctx) -> None:
         cfg, ops = ctx.config, ctx.ops
-        static = cfg.abits != 16 and cfg.act_mode == "per_tensor_static"
-        groups = tuple(_pl.INPUT_LINEARS) if static else tuple(_pl.NORM_OF)
-        stats = ctx.collect({g: ("absmax",) for g in groups})
+        requests = self.first_statistics(ctx)
+        groups = tuple(requests)
+        stats = ctx.collect(requests)
         absmax = {g: ops.to_numpy(stats[g].absmax).astype("float64") for g in groups}
         info = ctx.info.setdefault("smoothquant", {"alpha": float(cfg.alpha)})
         for group, norm in _pl.NORM_OF.items():

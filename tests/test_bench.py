@@ -65,7 +65,7 @@ def test_quantize_records_have_positive_stage_timings(tiny_run):
     assert "embed" not in rtn["stages_s"]  # RTN needs no calibration
     for rec in (gptq, rtn):
         assert rec["status"] == "complete" and rec["layers_run"] == rec["layers_total"] == 2
-        assert rec["stages_s"]["total"] > 0 and rec["wall_s"] >= rec["stages_s"]["total"] * 0.99
+        assert rec["stages_s"]["total"] > 0 and rec["wall_s"] >= rec["stages_s"]["total"] * 0.99 - 0.002  # both rounded
         assert len(rec["per_layer_all_s"]) == 2 and all(s > 0 for s in rec["per_layer_all_s"])
         assert set(rec["per_layer_s"]) == {"first", "median", "last", "max"}
         assert rec["layers_generated"] == 2 and not rec.get("extrapolated")

@@ -256,6 +256,35 @@ def test_awq_layer_is_the_reference_chain():
         np.testing.assert_allclose(q.layers[i][n][same], want.dequantize()[same], rtol=1e-10, atol=1e-13)
 
 
+def test_awq_search_budget_replays_the_first_sequences_in_the_block_searches():
+    """``awq_search_samples=k``: attention / MLP searches see ``X[:k]``; single linears keep all tokens."""
+    ids = calib(3, 24)
+    spec = pipeline.QuantConfig(method="awq", wbits=3, group_size=128).weight_spec()
+    fp = llama.load(TINY)
+    _, res = run_numpy(pipeline.QuantConfig(method="awq", wbits=3, group_size=128, awq_search_samples=1), ids)
+    lay, conf = fp.layers[0], fp.config
+    Xin = fp_layer_inputs(fp, ids, 0)
+    X = site_inputs(lay, conf, Xin)
+    cos, sin = llama.rope_tables(conf, Xin.shape[1])
+    s_attn = awq.search_scale(X["attn_in"][:1], [lay[Q], lay[K], lay[V]], spec, lambda Xb, ws: per_seq(
+        lambda x: llama.attention(dict(lay, **dict(zip((Q, K, V), ws))), x, conf, cos, sin), Xb))
+    s_mlp = awq.search_scale(X["mlp_in"][:1], [lay[GATE], lay[UP]], spec,
+                             lambda Xb, ws: llama.mlp(dict(lay, **dict(zip((GATE, UP), ws))), Xb))
+    s_down = awq.search_scale(X["down_in"], [lay[DOWN]], spec)
+    info = res.layers[0].info["awq"]
+    assert info["search_sequences"] == 1
+    for g, r in (("attn_in", s_attn), ("mlp_in", s_mlp), ("down_in", s_down)):
+        np.testing.assert_allclose(info["groups"][g]["losses"], r.losses, rtol=1e-12)
+    _, full = run_numpy(pipeline.QuantConfig(method="awq", wbits=3, group_size=128, awq_search_samples=3), ids)
+    _, default = run_numpy(pipeline.QuantConfig(method="awq", wbits=3, group_size=128), ids)
+    assert "search_sequences" not in full.layers[0].info["awq"]
+    assert full.layers[0].info["awq"]["groups"] == default.layers[0].info["awq"]["groups"]
+    assert info["groups"]["mlp_in"]["losses"] != default.layers[0].info["awq"]["groups"]["mlp_in"]["losses"]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="awq_search_samples"):
+            pipeline.QuantConfig(method="awq", awq_search_samples=bad)
+
+
 def test_awq_multi_head_model_scales_v_into_o(tmp_path):
     """``v_proj -> o_proj`` is searched and folded only when the shapes match (no GQA), as the original."""
     mha = random_llama(tmp_path / "mha", heads=4, kv_heads=4)
@@ -387,6 +416,27 @@ def signed_codes(qw):
     return codes.astype(np.int64) - zero[:, g].astype(np.int64)
 
 
+@torch_only
+def test_torch_awq_scales_v_into_o_on_a_multi_head_model(tmp_path):
+    import torch
+
+    from backends import torch_pipeline as tp
+
+    random_llama(tmp_path, heads=4, kv_heads=4, layers=2)
+    ids = calib(2, 32, vocab=64)
+    cfg = pipeline.QuantConfig(method="awq", wbits=3, group_size=64)
+    ref, ref_res = run_numpy(cfg, ids, llama.load(tmp_path))
+    hf = tp.load_model(str(tmp_path), dtype=torch.float64)
+    res = pipeline.quantize_model(tp.HFRunner(hf, batch_size=1), cfg, ids)
+    for i in range(2):
+        got, want = res.layers[i].info["awq"], ref_res.layers[i].info["awq"]
+        assert got["v_to_o"] is want["v_to_o"] is True
+        assert {g: r["ratio"] for g, r in got["groups"].items()} == {g: r["ratio"] for g, r in want["groups"].items()}
+        for n in llama.LINEARS:
+            same = signed_codes(res.layers[i].quantized[n]) == signed_codes(ref_res.layers[i].quantized[n])
+            assert same.mean() > 0.97, (i, n, same.mean())
+
+
 class Crash(RuntimeError):
     pass
 
@@ -483,12 +533,14 @@ def test_cli_smoothquant_and_aweq_runs_save_what_eval_reproduces(tmp_path):
 
 
 @needs_data
-def test_smoothquant_w8a8_is_close_to_fp_and_w4a4_collapses():
+def test_smoothquant_w8a8_is_close_to_fp_and_w4a4_is_far_from_it():
+    """On the tiny model W4A4 costs ~1.4x FP perplexity, not the study's collapse on LLaMA-3-8B (4.3e3): the
+    tiny model has no massive activation outliers (docs/methods/smoothquant.md, full-model results)."""
     fp = _ppl("fp", 4)
     w8a8 = _ppl("smoothquant", 4, wbits=8, abits=8, quantize_bmm_input=True)
     w4a4 = _ppl("smoothquant", 4, wbits=4, abits=4, quantize_bmm_input=True)
-    assert w8a8 < 1.03 * fp
-    assert w4a4 > 2 * fp
+    assert w8a8 < 1.01 * fp
+    assert w4a4 > 1.2 * fp
 
 
 @pytest.mark.slow

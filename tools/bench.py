@@ -611,15 +611,25 @@ def run_resident(b: Bench, want_rtn: bool, want_ppl: bool) -> None:
         _free(b.device)
 
 
+def quantize_name(a, method: str) -> str:
+    """The record of one method; AWQ with a search budget is a protocol change, its own record (no target)."""
+    if method == "awq" and a.awq_search_samples:
+        return f"quantize_awq_search{a.awq_search_samples}"
+    return f"quantize_{method}"
+
+
 def bench_quantize(b: Bench, method: str) -> dict:
     from backends.torch_pipeline import HFRunner
 
     a = b.args
-    cfg = pipeline.QuantConfig(method=method, **PRESETS.get(method, PRESETS["gptq"]))
+    preset = dict(PRESETS.get(method, PRESETS["gptq"]))
+    name = quantize_name(a, method)
+    if name != f"quantize_{method}":
+        preset["awq_search_samples"] = a.awq_search_samples
+    cfg = pipeline.QuantConfig(method=method, **preset)
     needs_calib = pipeline.METHODS[method].needs_calibration
     n_layers = b.cfg.num_hidden_layers
     full_layers = b.shape.config["num_hidden_layers"]
-    name = f"quantize_{method}"
     rec = {"kind": "quantize", "method": method, "config": cfg.to_dict(), "status": "running",
            "layers_total": full_layers, "layers_run": 0, "codes": a.codes, "batch_size": a.batch_size,
            "embed_on": a.embed_on,
@@ -766,6 +776,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ppl-batch-size", type=int, default=4, help="perplexity windows per forward call")
     ap.add_argument("--layers", type=int, default=None,
                     help="quantize only the first N layers (the full total is extrapolated and marked so)")
+    ap.add_argument("--awq-search-samples", type=int, default=None,
+                    help="AWQ: search on the first N calibration sequences (recorded as quantize_awq_searchN)")
     ap.add_argument("--micro-repeats", type=int, default=1, help="timed calls per matrix in micro_gptq")
     ap.add_argument("--codes", choices=("offload", "drop", "keep"), default="offload",
                     help="quantized codes after each layer: copy to host and drop (default), drop, keep on device")
@@ -870,7 +882,7 @@ def _run_benchmarks(b: Bench) -> None:
                                                                dtype=np.int64)
         b.doc["setup_s"]["calibration_ids"] = round(time.perf_counter() - t, 3)
         for m in a.methods:
-            name = f"quantize_{m}"
+            name = quantize_name(a, m)
             missing = unregistered(m)
             if missing:
                 b.skip(name, missing)
