@@ -421,6 +421,26 @@ def _rounding_tie(x: np.ndarray, eps: float) -> np.ndarray:
     return frac <= eps * np.maximum(np.abs(x), 1.0)
 
 
+def reference_gptq_flip_fraction(case: GoldenCase, arrays: dict, H: np.ndarray, eps: float = 1e-15,
+                                 seeds=(0, 1, 2)) -> float:
+    """How chaotic a GPTQ case is: the largest fraction of the reference's codes that change when ``H``
+    is perturbed by ``eps`` (relative, symmetric, seeded) -- float64 rounding noise, the size of the
+    difference between two correct float64 implementations (LAPACK vs cuSOLVER Cholesky). Error
+    feedback through an ill-conditioned ``H^-1`` turns such noise into code flips on a few cases
+    (``odd1000_w3_sym_g128_actorder``: cond(H) ~ 8e19, 2% of codes at eps = 1e-15); there the
+    parity rule judges the proxy loss and a floor on identical codes instead."""
+    import refquant as rq
+
+    spec = spec_of(case.params)
+    ref = rq.gptq(arrays["W"], H, spec, **case.params["kwargs"])
+    worst = 0.0
+    for seed in seeds:
+        E = np.random.default_rng(seed).normal(size=H.shape)
+        q = rq.gptq(arrays["W"], H * (1 + eps * (E + E.T) / 2), spec, **case.params["kwargs"])
+        worst = max(worst, float((q.codes != ref.codes).mean()))
+    return worst
+
+
 def compare_backend(case: GoldenCase, arrays: dict, expected: dict, got: dict, rules: dict) -> dict:
     """Apply a method's backend parity rule; returns a report with ``ok`` and the measured values."""
     rule = rules[case.method]
@@ -458,8 +478,14 @@ def compare_backend(case: GoldenCase, arrays: dict, expected: dict, got: dict, r
         loss_e = proxy_loss(arrays["W"], expected["W_hat"], H)
         loss_g = proxy_loss(arrays["W"], got["W_hat"], H)
         report["proxy_loss_rel_diff"] = abs(loss_g - loss_e) / max(loss_e, 1e-300)
-        report["ok"] = (report["codes_identical_fraction"] >= rule["min_codes_identical"]
-                        and report["proxy_loss_rel_diff"] <= rule["proxy_loss_rtol"])
+        codes_ok = report["codes_identical_fraction"] >= rule["min_codes_identical"]
+        if not codes_ok:  # is the reference itself this sensitive? (then codes cannot be the criterion)
+            flips = reference_gptq_flip_fraction(case, arrays, H)
+            report["reference_flip_fraction_at_1e-15"] = flips
+            if flips > 1 - rule["min_codes_identical"]:
+                report["chaotic"] = True
+                codes_ok = report["codes_identical_fraction"] >= rule["chaotic_min_codes_identical"]
+        report["ok"] = codes_ok and report["proxy_loss_rel_diff"] <= rule["proxy_loss_rtol"]
         return report
     raise GoldenError(f"no parity rule implementation for method {case.method!r}")
 

@@ -71,3 +71,28 @@ def test_reference_reproduces_golden(case):
     got = golden.run_case(case, arrays)
     problems = golden.compare_to_reference(case, arrays, got, MANIFEST)
     assert not problems, f"{case.name} ({case.rule['text']}):\n  " + "\n  ".join(problems)
+
+
+def test_chaotic_gptq_case_is_judged_by_its_loss_and_a_broken_result_still_fails():
+    """On an ill-conditioned case, float64 noise in H flips codes of the reference itself: another correct
+    float64 implementation (simulated: the reference on H * (1 + 1e-15 E)) passes; a wrong one does not."""
+    import refquant as rq
+
+    rules = golden.load_manifest()["parity_rules"]
+    for name, chaotic in (("gptq/odd1000_w3_sym_g128_actorder", True), ("gptq/nasty256_w3_sym_g128_actorder", False)):
+        (case,) = [c for c in golden.cases("gptq") if c.name == name]
+        arrays = case.load()
+        H = rq.hessian(golden.calibration_input(arrays))
+        flips = golden.reference_gptq_flip_fraction(case, arrays, H)
+        assert (flips > 1 - rules["gptq"]["min_codes_identical"]) is chaotic, (name, flips)
+    (case,) = [c for c in golden.cases("gptq") if c.name == "gptq/odd1000_w3_sym_g128_actorder"]
+    arrays = case.load()
+    H = rq.hessian(golden.calibration_input(arrays))
+    E = np.random.default_rng(7).normal(size=H.shape)
+    spec = golden.spec_of(case.params)
+    other = golden.outputs_of(rq.gptq(arrays["W"], H * (1 + 1e-15 * (E + E.T) / 2), spec, **case.params["kwargs"]))
+    report = golden.compare_backend(case, arrays, arrays, other, rules)
+    assert report["ok"] and report["chaotic"] and report["codes_identical_fraction"] < 0.999, report
+    rtn = golden.outputs_of(rq.rtn(arrays["W"], spec))  # a backend that forgot the error feedback
+    report = golden.compare_backend(case, arrays, arrays, rtn, rules)
+    assert not report["ok"], report

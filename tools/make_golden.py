@@ -47,9 +47,12 @@ PARITY_RULES = {
     },
     "gptq": {
         "min_codes_identical": 0.999,
+        "chaotic_min_codes_identical": 0.95,
         "proxy_loss_rtol": 0.005,
         "text": "fp32 backend vs fp64 reference: >= 99.9% identical codes and proxy loss "
-                "tr((W-W_hat) H (W-W_hat)^T) within 0.5% of the reference's, on the same exact H",
+                "tr((W-W_hat) H (W-W_hat)^T) within 0.5% of the reference's, on the same exact H; on a chaotic "
+                "case (the reference itself changes > 0.1% of its codes when H is perturbed by 1e-15, "
+                "golden.reference_gptq_flip_fraction) >= 95% identical codes and the same proxy-loss bound",
     },
     "hessian": {
         "max_rel_err": 1e-6,
