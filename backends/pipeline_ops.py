@@ -55,7 +55,7 @@ except ImportError:  # the numpy backend works without torch
     torch = None
 
 if torch is not None:
-    from .torch_backend import TorchBackend, TorchHessianAccumulator
+    from .torch_backend import TorchBackend, TorchHessianAccumulator, div_exact
 
     class TorchChannelStats:
         """:class:`refquant.stats.ChannelStats` in torch, on the activations' device.
@@ -141,7 +141,7 @@ if torch is not None:
             q = torch.clamp(torch.round(xf / scale), -qmax, qmax)
         else:
             absmax = xf.abs().amax(dim=-1, keepdim=True) if mode == "per_token" else xf.abs().amax()
-            scale = torch.clamp(absmax.double(), min=1e-5).div(qmax).float()
+            scale = div_exact(torch.clamp(absmax.double(), min=1e-5), qmax).float()
             q = torch.round(xf / scale)
         return (q * scale).to(x.dtype)
 

@@ -180,6 +180,18 @@ def ieee_fp32():
 # The shared quantizer, torch version (reduces over the last dim)
 # --------------------------------------------------------------------------------------------
 
+def div_exact(x, c):
+    """``x / c`` correctly rounded for a Python number ``c``.
+
+    On CUDA, torch computes ``tensor / python_scalar`` as ``tensor * (1 / c)`` -- two roundings, an ulp
+    off the IEEE quotient the reference (NumPy) gets. That ulp decides exact rounding ties: the awq
+    zero point ``round(-xmin / scale)`` of a symmetrically clipped group is ``round(maxq / 2)`` exactly,
+    and a scale one ulp off flips it (measured on the H200: AWQ clip-search errors off by up to 80%,
+    8% of clip choices changed). Dividing by a device tensor takes the true-division path.
+    """
+    return x / torch.tensor(c, dtype=x.dtype, device=x.device)
+
+
 def find_params(x, spec: QuantSpec):
     """``(scale, zero)`` of :func:`refquant.quantizer.find_params` for ``x`` of shape (..., n), as float32.
 
@@ -220,7 +232,7 @@ def _params_gptq(x, spec: QuantSpec):
     dead = (xmin == 0) & (xmax == 0)
     xmin = torch.where(dead, -1.0, xmin)
     xmax = torch.where(dead, 1.0, xmax)
-    scale = (xmax - xmin) / maxq
+    scale = div_exact(xmax - xmin, maxq)
     if spec.sym:
         zero = torch.full_like(scale, (maxq + 1) / 2)
     else:
@@ -231,7 +243,7 @@ def _params_gptq(x, spec: QuantSpec):
         for i in range(int(spec.maxshrink * spec.grid)):
             p = 1 - i / spec.grid
             xmin1, xmax1 = p * xmin, p * xmax
-            scale1 = (xmax1 - xmin1) / maxq
+            scale1 = div_exact(xmax1 - xmin1, maxq)
             zero1 = zero if spec.sym else torch.round(-xmin1 / scale1)
             q = dequantize(quantize(x, scale1[..., None], zero1[..., None], maxq), scale1[..., None], zero1[..., None])
             err = ((q - x).abs() ** spec.norm).sum(dim=-1)
@@ -244,14 +256,14 @@ def _params_gptq(x, spec: QuantSpec):
 
 def _params_awq(x, maxq: int):
     xmax, xmin = x.amax(dim=-1).double(), x.amin(dim=-1).double()
-    scale = torch.clamp(xmax - xmin, min=1e-5) / maxq
+    scale = div_exact(torch.clamp(xmax - xmin, min=1e-5), maxq)
     zero = torch.clamp(-torch.round(xmin / scale), 0, maxq)
     return scale, zero
 
 
 def _params_absmax(x, bits: int):
     qmax = 2 ** (bits - 1) - 1
-    scale = torch.clamp(x.abs().amax(dim=-1).double(), min=1e-5) / qmax
+    scale = div_exact(torch.clamp(x.abs().amax(dim=-1).double(), min=1e-5), qmax)
     return scale, torch.full_like(scale, float(qmax))
 
 
@@ -423,15 +435,24 @@ def upper_cholesky_of_inverse(H):
     Computed in :func:`work_dtype` (float64 up to ``FP64_FACTOR_MAX``); ``L^-1`` is solved in column
     chunks written straight into ``U``, so the workspace is ``L`` plus one chunk.
     """
-    n = H.shape[0]
-    work = work_dtype(n)
-    L, info = torch.linalg.cholesky_ex(H.flip(0, 1).to(work))
+    return _upper_from_reversed(lambda: H.flip(0, 1).to(work_dtype(H.shape[0])))
+
+
+def _upper_from_reversed(make_A):
+    """:func:`upper_cholesky_of_inverse` of ``H`` given ``make_A() -> P H P`` in the working dtype.
+
+    ``A`` is built here and dropped right after the factorization, so it never coexists with ``U``.
+    """
+    A = make_A()
+    n = A.shape[0]
+    L, info = torch.linalg.cholesky_ex(A)
+    del A
     if int(info) != 0 or not bool(torch.isfinite(L).all()):
         return None
-    U = torch.empty((n, n), dtype=work, device=H.device)
+    U = torch.empty((n, n), dtype=L.dtype, device=L.device)
     for j0 in range(0, n, SOLVE_CHUNK):
         j1 = min(j0 + SOLVE_CHUNK, n)
-        rhs = torch.zeros((n, j1 - j0), dtype=work, device=H.device)
+        rhs = torch.zeros((n, j1 - j0), dtype=L.dtype, device=L.device)
         rhs[j0:j1].fill_diagonal_(1.0)
         X = torch.linalg.solve_triangular(L, rhs, upper=False)  # columns j0..j1 of L^-1
         U[:, n - j1:n - j0] = X.flip(0, 1)                      # U = P L^-1 P
@@ -465,25 +486,35 @@ class _Prepared:
 
 def _prepare(H, cols: int, device, percdamp: float, act_order: bool, max_percdamp, percdamp_step,
              shape_text: str) -> _Prepared:
+    """Dead columns, act-order permutation and damping of ``H`` (as the reference), then ``U``.
+
+    The damped, permuted matrix is gathered straight in reversed order (``P H_perm P``, what
+    :func:`upper_cholesky_of_inverse` factors) from the caller's ``H``: one working copy alive next to
+    the Cholesky factor, not three (at 14336 columns in float64 each copy is 1.6 GB). A failed
+    Cholesky regathers it with the next damping.
+    """
     H = _as_tensor(H, "H")
     _check_square(H, cols, "H")
-    H = H.to(device=device, dtype=work_dtype(cols), copy=True)
-    diag = H.diagonal()
-    dead = diag == 0
+    src = H.to(device)  # the caller's matrix (no copy when already there); only read below
+    work = work_dtype(cols)
+    diag0 = src.diagonal().to(work).double()  # the diagonal as the working copy holds it
+    dead = diag0 == 0
     any_dead = bool(dead.any())
     if any_dead:
-        diag[dead] = 1
-    perm = None
-    if act_order:
-        perm = torch.argsort(-diag, stable=True)  # ties: lower column index first (as the reference)
-        H = H[perm][:, perm]
-        diag = H.diagonal()
-    mean_diag = float(diag.double().mean())
-    diag0 = diag.double().clone()
+        diag0[dead] = 1
+    perm = torch.argsort(-diag0, stable=True) if act_order else None  # ties: lower column first (as the reference)
+    order = perm if perm is not None else torch.arange(cols, device=src.device)
+    mean_diag = float(diag0[order].mean())
+    rev = order.flip(0)
     current = percdamp
+
+    def damped_reversed():
+        A = src[rev[:, None], rev[None, :]].to(work)  # P H_perm P
+        A.diagonal().copy_(diag0[rev] + current * mean_diag)  # damped diagonal (rounded once to fp32 above FP64_FACTOR_MAX)
+        return A
+
     while True:
-        diag.copy_(diag0 + current * mean_diag)  # damped diagonal (rounded once to fp32 above FP64_FACTOR_MAX)
-        U = upper_cholesky_of_inverse(H)
+        U = _upper_from_reversed(damped_reversed)
         if U is not None:
             return _Prepared(U, perm, dead, any_dead, current)
         nxt = current + percdamp_step

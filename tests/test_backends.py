@@ -696,6 +696,20 @@ def test_gpu_hessian_bf16_and_fp32():
 
 @gpu
 @needs_cuda
+def test_gpu_division_by_a_number_is_the_ieee_quotient():
+    """Quantizer scales ``range / maxq`` on CUDA are NumPy's bit for bit (torch's own ``tensor / scalar``
+    multiplies by a rounded reciprocal there, which flips exact zero-point ties)."""
+    from backends.torch_backend import div_exact
+
+    x = np.random.default_rng(0).uniform(1e-3, 10, size=100_000)
+    for c in (3, 7, 15, 127, 255):
+        np.testing.assert_array_equal(div_exact(torch.as_tensor(x, device="cuda"), c).cpu().numpy(), x / c)
+        x32 = x.astype(np.float32)
+        np.testing.assert_array_equal(div_exact(torch.as_tensor(x32, device="cuda"), c).cpu().numpy(), x32 / np.float32(c))
+
+
+@gpu
+@needs_cuda
 def test_gpu_no_global_state_change_with_tf32_requested():
     cm = torch.backends.cuda.matmul
     old = cm.allow_tf32

@@ -287,8 +287,9 @@ def memory_estimate(cfg, nsamples: int, seqlen: int, batch_size: int, embed_on_d
 
     def workspace(group):
         n, r = cols[group], rows[group]
-        factor = (20 if n <= 16384 else 12) * n * n  # H copy + (flip, fp64 cast | fp32) + L, then L + U
-        return 4 * r * n + max(factor, 4 * n * n + 4 * r * n + r * n)
+        e = 8 if n <= 16384 else 4  # GPTQ's working precision (backends.torch_backend.work_dtype)
+        factor = 2 * e * n * n  # the damped reversed copy + L, then L + U
+        return e * r * n + max(factor, e * n * n + e * r * n + r * n)
 
     gptq_ws = max(workspace(g) for g in cols)
     finite_check = nsamples * seqlen * d["H"]  # torch.isfinite(out) of HFRunner.forward: one bool per element
