@@ -274,15 +274,17 @@ def _rotate(x, cos, sin):
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def fused_layer_forward(layer, x, cos, sin, eps: float, n_heads: int, n_kv: int, head_dim: int, fused=None):
-    """One LLaMA decoder layer with q/k/v and gate/up as single GEMMs (``fused = (W_qkv, W_gu)``).
+def fused_layer_forward(layer, x, cos, sin, eps: float, n_heads: int, n_kv: int, head_dim: int, W_qkv=None):
+    """One LLaMA decoder layer with q/k/v as a single GEMM (``W_qkv``, :func:`fuse_layer`).
 
     The same arithmetic as transformers' ``LlamaDecoderLayer`` with SDPA (causal, native GQA), for
-    models without biases or activation quantizers (:func:`window_losses` checks); fewer and larger
-    GEMMs and no per-module overhead make full-model perplexity faster.
+    models without biases or activation quantizers (:func:`window_losses` checks); fewer GEMMs and
+    no per-module overhead make full-model perplexity faster. gate and up stay two GEMMs: their
+    outputs are then contiguous and ``silu(g) * u`` runs vectorized (on the two halves of one fused
+    output it is a strided, non-vectorized kernel: ~0.7 ms per 8192 tokens on an H200).
     """
     attn, mlp = layer.self_attn, layer.mlp
-    W_qkv, W_gu = fused if fused is not None else fuse_layer(layer)
+    W_qkv = W_qkv if W_qkv is not None else fuse_layer(layer)
     B, T, _ = x.shape
     qkv = torch.nn.functional.linear(_rms_norm(x, layer.input_layernorm.weight, eps), W_qkv)
     q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
@@ -292,15 +294,14 @@ def fused_layer_forward(layer, x, cos, sin, eps: float, n_heads: int, n_kv: int,
     o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=head_dim ** -0.5,
                                                          enable_gqa=n_kv != n_heads)
     x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, n_heads * head_dim))
-    g, u = torch.nn.functional.linear(_rms_norm(x, layer.post_attention_layernorm.weight, eps), W_gu).chunk(2, dim=-1)
-    return x + mlp.down_proj(torch.nn.functional.silu(g) * u)
+    h = _rms_norm(x, layer.post_attention_layernorm.weight, eps)
+    return x + mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
 
 
 def fuse_layer(layer):
-    """``(W_qkv, W_gu)``: the concatenated q/k/v and gate/up weights of a decoder layer."""
-    a, m = layer.self_attn, layer.mlp
-    return (torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-            torch.cat([m.gate_proj.weight, m.up_proj.weight]))
+    """``W_qkv``: the concatenated q/k/v weights of a decoder layer."""
+    a = layer.self_attn
+    return torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
 
 
 def _fusable(model) -> bool:
