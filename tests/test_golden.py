@@ -96,3 +96,36 @@ def test_chaotic_gptq_case_is_judged_by_its_loss_and_a_broken_result_still_fails
     rtn = golden.outputs_of(rq.rtn(arrays["W"], spec))  # a backend that forgot the error feedback
     report = golden.compare_backend(case, arrays, arrays, rtn, rules)
     assert not report["ok"], report
+
+
+def test_awq_scales_off_in_last_bits_are_judged_on_the_backends_own_inputs():
+    """A backend whose AWQ scales differ from the reference's in the last bit (GPU: x_mean summed in another
+    order) flips exact zero-point ties inside single clip candidates. Its clip choices are then checked by
+    the reference on its own scaled inputs -- and a wrong clip choice still fails."""
+    from refquant import awq
+
+    rules = golden.load_manifest()["parity_rules"]
+    ops = golden._reference_ops()
+
+    class Nudged:
+        def __getattr__(self, name):
+            return getattr(ops, name)
+
+        def awq_search_scale(self, *a, **kw):
+            r = ops.awq_search_scale(*a, **kw)
+            s = np.array(r.scales, copy=True)
+            s[::3] = np.nextafter(s[::3], np.inf)
+            return awq.ScaleSearchResult(scales=s, best_ratio=r.best_ratio, losses=r.losses)
+
+    (case,) = [c for c in golden.cases("awq") if c.name == "awq/llama4096_w4_g128"]
+    arrays = case.load()
+    got = golden.run_case(case, arrays, Nudged())
+    report = golden.compare_backend(case, arrays, arrays, got, rules)
+    assert report["ok"] and report["clip_explained_by_backend_scales"] > 0, report
+    assert report["clip_identical_fraction"] < rules["awq"]["min_clip_identical"]  # the old rule would fail it
+    same = np.isclose(got["clip_max_val"], arrays["clip_max_val"], rtol=1e-12, atol=0)
+    r, g = np.argwhere(same)[0]
+    wrong = dict(got, clip_max_val=np.array(got["clip_max_val"], copy=True))
+    wrong["clip_max_val"][r, g] *= 0.8 if wrong["clip_max_val"][r, g] > 0.5 * arrays["clip_max_val"][r, g] else 1.2
+    report = golden.compare_backend(case, arrays, arrays, wrong, rules)
+    assert not report["ok"] and report["clip_off_near_ties"] >= 1, report

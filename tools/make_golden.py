@@ -76,9 +76,11 @@ PARITY_RULES = {
         "w_hat_ulps": 4,
         "text": "the searches run in float64 on every backend: every grid loss within loss_rtol of the reference's; "
                 "the chosen ratio is the reference's, or its reference loss is within loss_rtol of the minimum (a "
-                "near tie). With the same ratio: scales within scales_rtol; >= min_clip_identical of the (row, group) "
-                "clip candidates identical, every other one a near tie (reference clip error within clip_err_rtol of "
-                "the reference's choice). Final float32 RTN, where the clip agrees: signed codes q - zero identical "
+                "near tie). With the same ratio: scales within scales_rtol; with bit-identical scales >= min_clip_identical of "
+                "the (row, group) clip candidates identical; every other one a near tie (reference clip error within "
+                "clip_err_rtol of the reference's choice) or, where the scales differ in last bits (a sum in another "
+                "order flips exact zero-point ties of single candidates), the reference's choice (or a near tie) on "
+                "the backend's own scaled inputs. Final float32 RTN, where the clip agrees: signed codes q - zero identical "
                 "except at rounding ties (tie_eps, then off by 1), the zero point equal or, where the reference's "
                 "was an exact tie (a symmetric clip gives zero = round(maxq / 2)), off by 1; W_hat within w_hat_ulps "
                 "float32 ulps",
