@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("main", help="the study's Table-1 comparison (RTN vs GPTQ at 4/3/2 bits, g128) on the embedded model")
     m.add_argument("--model", default=str(runs.DEFAULT_MODEL))
     m.add_argument("--out", default="results/main")
+    m.add_argument("--suite", default="table1", choices=["table1", "equalization"],
+                   help="table1: RTN vs GPTQ (--methods, --bits, --group-size); equalization: SmoothQuant W8A8/W6A6/W4A4, "
+                        "AWQ vs RTN w4/w3 g128, AWEQ's ablation at W8A8 and INT4/INT3 (a GPU job: AWQ is slow on a CPU)")
     m.add_argument("--bits", default="4,3,2")
     m.add_argument("--methods", default="rtn,gptq")
     m.add_argument("--group-size", type=_group_size, default=128)

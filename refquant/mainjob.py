@@ -1,10 +1,12 @@
 """The main job: the study's Table 1 comparison on the embedded tiny LLaMA3 model.
 
-RTN and GPTQ at 4/3/2 bits with group size 128 (asymmetric, as the LLaMA runs of the originals),
-calibrated on 128 WikiText-2 windows of 2048 tokens (seed 0), perplexity on WikiText-2, C4 and PTB
-with the GPTQ protocol, against the unquantized model. Every finished row is saved at once
-(``rows/<row>.json``), so a rerun after a crash continues where it stopped; the table is written as
-Markdown and JSON with provenance.
+Suite ``table1`` (default): RTN and GPTQ at 4/3/2 bits with group size 128 (asymmetric, as the
+LLaMA runs of the originals). Suite ``equalization``: SmoothQuant W8A8/W6A6/W4A4, AWQ vs RTN at
+w4/w3 g128, and AWEQ's ablation (plain, +BC, +AWE, AWE+BC; the paper's Table 4) at W8A8 and at
+INT4/INT3 weight-only per tensor. Calibrated on 128 WikiText-2 windows of 2048 tokens (seed 0),
+perplexity on WikiText-2, C4 and PTB with the GPTQ protocol, against the unquantized model. Every
+finished row is saved at once (``rows/<row>.json``), so a rerun after a crash continues where it
+stopped; the table is written as Markdown and JSON with provenance.
 """
 from __future__ import annotations
 
@@ -27,18 +29,14 @@ def run_main(a) -> int:
     out = Path(a.out)
     (out / "rows").mkdir(parents=True, exist_ok=True)
     backend = runs.resolve_backend(a.backend)
-    bits = [int(b) for b in a.bits.split(",")]
-    methods = [m.strip() for m in a.methods.split(",")]
-    rows = [("FP", None)] + [(m, pipeline.QuantConfig(method=m, wbits=b, group_size=a.group_size))
-                            for m in methods for b in bits]
+    rows = [("fp", "FP", None)] + SUITES[getattr(a, "suite", "table1")](a)
     t0 = time.perf_counter()
     base = runs.load(a.model, backend, a.device, a.dtype)
     calib_ids, calib_info = data.get_calibration("wikitext2", base.encode, nsamples=a.nsamples, seqlen=a.seqlen,
                                                  seed=a.seed, data_dir=a.data_dir)
     token_cache: dict = {}
     results = []
-    for label, config in rows:
-        key = "fp" if config is None else f"{config.method}_w{config.wbits}_g{config.group_size or 'row'}"
+    for key, label, config in rows:
         settings = {"model": str(a.model), "backend": backend, "dtype": base.dtype if backend == "numpy" else a.dtype,
                     "config": config.to_dict() if config else None, "ppl": a.ppl, "seqlen": a.seqlen,
                     "max_eval_windows": a.max_eval_windows, "nsamples": a.nsamples, "seed": a.seed}
@@ -47,7 +45,7 @@ def run_main(a) -> int:
             saved = json.loads(path.read_text())
             if saved.get("settings") == settings:
                 print(f"[main] {key}: done earlier ({path})", flush=True)
-                results.append(saved)
+                results.append(dict(saved, label=label))
                 continue
         print(f"[main] {key}: quantizing and evaluating ...", flush=True)
         t = time.perf_counter()
@@ -59,7 +57,8 @@ def run_main(a) -> int:
             timings = res.timings
         ppl = runs.evaluate_ppl(loaded, a.ppl, a.seqlen, a.data_dir, a.max_eval_windows, a.batch_size,
                                 token_cache=token_cache)
-        row = {"key": key, "label": label, "wbits": config.wbits if config else 16, "abits": 16,
+        row = {"key": key, "label": label, "wbits": config.wbits if config else 16,
+               "abits": config.abits if config else 16,
                "group_size": config.group_size if config else None, "settings": settings,
                "perplexity": {k: v["ppl"] for k, v in ppl.items()},
                "windows": {k: v["n_windows"] for k, v in ppl.items()},
@@ -83,13 +82,42 @@ def run_main(a) -> int:
     return 0
 
 
+def table1_rows(a) -> list:
+    """RTN and GPTQ at ``--bits`` with ``--group-size`` (the study's Table 1 rows of the two)."""
+    bits = [int(b) for b in a.bits.split(",")]
+    methods = [m.strip() for m in a.methods.split(",")]
+    return [(f"{m}_w{b}_g{a.group_size or 'row'}", m.upper(), pipeline.QuantConfig(method=m, wbits=b, group_size=a.group_size))
+            for m in methods for b in bits]
+
+
+def equalization_rows(a) -> list:
+    """SmoothQuant (W8A8/W6A6/W4A4, alpha 0.85, BMM inputs quantized), AWQ vs RTN (w4/w3 g128), AWEQ's ablation."""
+    QC = pipeline.QuantConfig
+    rows = [(f"smoothquant_w{b}a{b}", "SmoothQuant",
+             QC(method="smoothquant", wbits=b, group_size=None, abits=b, quantize_bmm_input=True, alpha=0.85))
+             for b in (8, 6, 4)]
+    rows += [(f"{m}_w{b}_g128", m.upper(), QC(method=m, wbits=b, group_size=128)) for b in (4, 3) for m in ("rtn", "awq")]
+    ablation = (("plain", "AWEQ plain", False, False), ("bc", "AWEQ +BC", False, True),
+                ("awe", "AWEQ +AWE", True, False), ("aweq", "AWEQ (AWE+BC)", True, True))
+    for w, extra in ((8, dict(abits=8, act_mode="per_tensor")), (4, {}), (3, {})):
+        tag = f"w{w}a8" if extra else f"w{w}"
+        rows += [(f"aweq_{tag}_{k}", label, QC(method="aweq", wbits=w, group_size=None, awe=awe, bc=bc, **extra))
+                 for k, label, awe, bc in ablation]
+    return rows
+
+
+SUITES = {"table1": table1_rows, "equalization": equalization_rows}
+
+
 def render_table(results: list[dict], datasets: list[str]) -> str:
     head = "| Method | #W | #A | #G | " + " | ".join(COLUMNS.get(d, d) for d in datasets) + " |"
     sep = "|---|---|---|---|" + "---|" * len(datasets)
     lines = [head, sep]
     for r in results:
-        name = "tiny-llama3 (bf16 weights)" if r["key"] == "fp" else r["label"].upper()
-        g = "-" if r["group_size"] is None else str(r["group_size"])
+        name = "tiny-llama3 (bf16 weights)" if r["key"] == "fp" else r["label"]
+        per_tensor = (r.get("settings", {}).get("config") or {}).get("method") == "aweq" and \
+            (r["settings"]["config"] or {}).get("aweq_per_tensor")
+        g = "tensor" if per_tensor else "-" if r["group_size"] is None else str(r["group_size"])
         vals = " | ".join(fmt(r["perplexity"][d]) for d in datasets)
         lines.append(f"| {name} | {r['wbits']} | {r['abits']} | {g} | {vals} |")
     return "\n".join(lines)

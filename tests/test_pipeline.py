@@ -287,3 +287,37 @@ def test_preflight_failure_refuses_a_gpu_run_unless_overridden(monkeypatch):
     summary = cli._run_preflight(SimpleNamespace(no_preflight=True), cfg, loaded)
     assert summary["cases"] == 2 and summary["failed"][0]["case"] == "gptq/x"
     assert cli._run_preflight(SimpleNamespace(no_preflight=False), cfg, SimpleNamespace(backend="torch", device="cpu")) is None
+
+
+@needs_data
+def test_main_job_writes_the_table_and_resumes(tmp_path, capsys):
+    from refquant.cli import main
+
+    argv = ["main", "--out", str(tmp_path), "--bits", "4,2", "--nsamples", "16", "--seqlen", "256", "--ppl", "wikitext2",
+            "--max-eval-windows", "2", "--device", "cpu"]
+    assert main(argv) == 0
+    table = (tmp_path / "table.md").read_text()
+    rows = json.loads((tmp_path / "table.json").read_text())["rows"]
+    assert [r["key"] for r in rows] == ["fp", "rtn_w4_g128", "rtn_w2_g128", "gptq_w4_g128", "gptq_w2_g128"]
+    assert "| RTN | 4 | 16 | 128 |" in table and "| GPTQ | 2 | 16 | 128 |" in table
+    ppl = {r["key"]: r["perplexity"]["wikitext2"] for r in rows}
+    assert abs(ppl["rtn_w4_g128"] / ppl["fp"] - 1) < 0.05 and ppl["rtn_w2_g128"] > 1.5 * ppl["fp"]
+    assert ppl["gptq_w2_g128"] < ppl["rtn_w2_g128"]
+    (tmp_path / "rows" / "gptq_w2_g128.json").unlink()  # as if the run had died before the last row
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("done earlier") == 4 and "gptq_w2_g128: quantizing" in out
+
+
+@needs_data
+def test_main_job_equalization_suite_rows(tmp_path):
+    from refquant.cli import main
+
+    assert main(["main", "--suite", "equalization", "--out", str(tmp_path), "--nsamples", "2", "--seqlen", "128",
+                 "--ppl", "wikitext2", "--max-eval-windows", "1", "--device", "cpu"]) == 0
+    rows = json.loads((tmp_path / "table.json").read_text())["rows"]
+    assert len(rows) == 1 + 3 + 4 + 12
+    table = (tmp_path / "table.md").read_text()
+    assert "| SmoothQuant | 4 | 4 | - |" in table and "| AWEQ +BC | 3 | 16 | tensor |" in table
+    assert "| AWEQ (AWE+BC) | 8 | 8 | tensor |" in table and "| AWQ | 3 | 16 | 128 |" in table
