@@ -535,7 +535,7 @@ def test_cli_smoothquant_and_aweq_runs_save_what_eval_reproduces(tmp_path):
 @needs_data
 def test_smoothquant_w8a8_is_close_to_fp_and_w4a4_is_far_from_it():
     """On the tiny model W4A4 costs ~1.4x FP perplexity, not the study's collapse on LLaMA-3-8B (4.3e3): the
-    tiny model has no massive activation outliers (docs/methods/smoothquant.md, full-model results)."""
+    tiny model has no massive activation outliers (docs/results.md)."""
     fp = _ppl("fp", 4)
     w8a8 = _ppl("smoothquant", 4, wbits=8, abits=8, quantize_bmm_input=True)
     w4a4 = _ppl("smoothquant", 4, wbits=4, abits=4, quantize_bmm_input=True)
