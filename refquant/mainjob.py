@@ -71,7 +71,7 @@ def run_main(a) -> int:
 
     table = render_table(results, a.ppl)
     notes = notes_for(calib_info, results, a)
-    write_text_atomic(out / "table.md", table + "\n" + notes + "\n")
+    write_text_atomic(out / "table.md", table + "\n\n" + notes + "\n")
     write_json_atomic(out / "table.json", {"rows": results, "calibration": calib_info, "provenance": provenance(base.device),
                                            "seconds": time.perf_counter() - t0})
     print()
