@@ -129,3 +129,16 @@ def test_awq_scales_off_in_last_bits_are_judged_on_the_backends_own_inputs():
     wrong["clip_max_val"][r, g] *= 0.8 if wrong["clip_max_val"][r, g] > 0.5 * arrays["clip_max_val"][r, g] else 1.2
     report = golden.compare_backend(case, arrays, arrays, wrong, rules)
     assert not report["ok"] and report["clip_off_near_ties"] >= 1, report
+
+
+def test_manifest_parity_rules_are_the_generators():
+    """The rules a backend is judged by are the ones tools/make_golden.py writes (a rule edited in one
+    place only would silently judge backends differently from a fresh regeneration)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "make_golden.py"
+    spec = importlib.util.spec_from_file_location("refquant_make_golden_rules", path)
+    mg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mg)
+    assert MANIFEST["parity_rules"] == mg.PARITY_RULES
