@@ -36,6 +36,9 @@ except ImportError as e:  # pragma: no cover - depends on the machine
         "the 'torch' backend needs PyTorch: pip install torch (CPU wheel: pip install 'refquant[torch]')."
     ) from e
 
+from refquant._checks import check_finite as _check_finite
+from refquant._checks import check_matrix as _check_matrix
+from refquant._checks import check_square as _check_square
 from refquant.gptq import HessianNotPositiveDefinite
 from refquant.quantizer import QuantizedWeight, QuantSpec
 
@@ -71,44 +74,9 @@ def _as_tensor(x, name: str):
     raise ValueError(f"{name} must be a torch tensor (or a NumPy/CuPy array); got {type(x).__name__}.")
 
 
-def _check_finite(x, name: str) -> None:
-    if not x.is_floating_point():
-        return
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
-        n_bad = int(bad.sum())
-        first = tuple(int(i) for i in torch.nonzero(bad)[0])
-        raise ValueError(
-            f"{name} contains {n_bad} non-finite value(s) (NaN or Inf), first at index {first}. "
-            "Check the model weights / calibration activations (fp16 overflow is a common cause)."
-        )
-
-
-def _check_matrix(W, name: str = "W") -> None:
-    if W.ndim != 2:
-        raise ValueError(
-            f"{name} must be a 2-D array (out_features, in_features); got shape {tuple(W.shape)}. "
-            "Pass a linear layer's weight matrix, e.g. layer.weight."
-        )
-    if W.shape[0] == 0 or W.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(W.shape)}); nothing to quantize.")
-    _check_finite(W, name)
-
-
 def _check_spec(spec) -> None:
     if not isinstance(spec, QuantSpec):
         raise ValueError(f"spec must be a refquant.QuantSpec; got {type(spec).__name__}.")
-
-
-def _check_square(H, n: int, name: str = "H") -> None:
-    if H.ndim != 2 or H.shape[0] != H.shape[1]:
-        raise ValueError(f"{name} must be a square 2-D array; got shape {tuple(H.shape)}.")
-    if H.shape[0] != n:
-        raise ValueError(
-            f"{name} is {H.shape[0]}x{H.shape[1]} but the weight has in_features={n}; "
-            "the Hessian must be accumulated from this layer's inputs."
-        )
-    _check_finite(H, name)
 
 
 def _weight_fp32(W, name: str = "W", device=None, dtype=torch.float32):

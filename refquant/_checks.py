@@ -2,7 +2,8 @@
 
 Every public entry point checks its inputs here, so that NaN, Inf, empty or mis-shaped input
 fails with a ValueError that says what was wrong and what to do, instead of silently producing
-garbage several layers later.
+garbage several layers later. The checks take NumPy, CuPy and torch arrays (the torch backend uses
+them too).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from ._xp import namespace
 def check_matrix(W, name: str = "W"):
     """A finite, non-empty 2-D weight matrix of shape (out_features, in_features)."""
     if not hasattr(W, "ndim") or W.ndim != 2:
-        shape = getattr(W, "shape", type(W).__name__)
+        shape = tuple(W.shape) if hasattr(W, "shape") else type(W).__name__
         raise ValueError(
             f"{name} must be a 2-D array (out_features, in_features); got shape {shape}. "
             "Pass a linear layer's weight matrix, e.g. layer.weight."
@@ -24,13 +25,20 @@ def check_matrix(W, name: str = "W"):
 
 def check_finite(x, name: str):
     """Raise if x has NaN or Inf, with the count and the first offending index."""
-    xp = namespace(x)
-    if x.dtype.kind not in "fc":
-        return
-    bad = ~xp.isfinite(x)
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        if not (x.is_floating_point() or x.is_complex()):
+            return
+        bad, argwhere = ~torch.isfinite(x), torch.nonzero
+    else:
+        xp = namespace(x)
+        if x.dtype.kind not in "fc":
+            return
+        bad, argwhere = ~xp.isfinite(x), xp.argwhere
     if bool(bad.any()):
         n_bad = int(bad.sum())
-        first = tuple(int(i) for i in xp.argwhere(bad)[0])
+        first = tuple(int(i) for i in argwhere(bad)[0])
         raise ValueError(
             f"{name} contains {n_bad} non-finite value(s) (NaN or Inf), first at index {first}. "
             "Check the model weights / calibration activations (fp16 overflow is a common cause)."
@@ -40,7 +48,7 @@ def check_finite(x, name: str):
 def check_square(H, n: int, name: str = "H"):
     """A finite (n, n) matrix, e.g. a Hessian that must match a weight's in_features."""
     if not hasattr(H, "ndim") or H.ndim != 2 or H.shape[0] != H.shape[1]:
-        raise ValueError(f"{name} must be a square 2-D array; got shape {getattr(H, 'shape', None)}.")
+        raise ValueError(f"{name} must be a square 2-D array; got shape {tuple(H.shape) if hasattr(H, 'shape') else None}.")
     if H.shape[0] != n:
         raise ValueError(
             f"{name} is {H.shape[0]}x{H.shape[1]} but the weight has in_features={n}; "

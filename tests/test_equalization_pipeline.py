@@ -24,6 +24,7 @@ import pytest
 import refquant as rq
 from refquant import actquant, aweq, awq, llama, pipeline, runs, smoothquant
 from refquant.pipeline import DOWN, GATE, K, O, Q, UP, V
+from llama_inputs import layer_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = runs.DEFAULT_MODEL
@@ -38,15 +39,6 @@ def run_numpy(cfg, ids, model=None):
     model = model or llama.load(TINY)
     res = pipeline.quantize_model(pipeline.NumpyRunner(model), cfg, ids)
     return model, res
-
-
-def fp_layer_inputs(model, ids, upto):
-    """Inputs of layer ``upto`` through the FP layers before it, one sequence at a time."""
-    runner = pipeline.NumpyRunner(model)
-    h = runner.embed(ids)
-    for i in range(upto):
-        h = runner.forward(model.layers[i], h)
-    return h
 
 
 def per_seq(f, X):
@@ -175,7 +167,7 @@ def test_smoothquant_layers_are_the_reference_chain():
     spec = rq.QuantSpec(bits=8, rule="absmax")
     for i in (0, 1):  # layer 1: its statistics come from the FP layer 0's outputs
         lay = fp.layers[i]
-        X = site_inputs(lay, fp.config, fp_layer_inputs(fp, ids, i))
+        X = site_inputs(lay, fp.config, layer_inputs(fp, ids, i))
         want = dict(lay)
         for group, norm in pipeline.NORM_OF.items():
             names = pipeline.INPUT_LINEARS[group]
@@ -198,7 +190,7 @@ def test_smoothquant_static_per_tensor_scales_are_of_the_smoothed_inputs():
     cfg = pipeline.QuantConfig(method="smoothquant", wbits=8, abits=8, act_mode="per_tensor_static")
     fp = llama.load(TINY)
     q, res = run_numpy(cfg, ids)
-    X = site_inputs(fp.layers[0], fp.config, fp_layer_inputs(fp, ids, 0))
+    X = site_inputs(fp.layers[0], fp.config, layer_inputs(fp, ids, 0))
     s = smoothquant.smooth_scales(smoothquant.update_act_absmax(None, X["attn_in"]),
                                   [fp.layers[0][n] for n in (Q, K, V)], 0.85)
     aq = res.layers[0].act_quant
@@ -217,7 +209,7 @@ def test_awq_layer_is_the_reference_chain():
     q, res = run_numpy(cfg, ids)
     i = 1  # layer 1: inputs through the FP layer 0
     lay, conf = fp.layers[i], fp.config
-    Xin = fp_layer_inputs(fp, ids, i)
+    Xin = layer_inputs(fp, ids, i)
     X = site_inputs(lay, conf, Xin)
     cos, sin = llama.rope_tables(conf, Xin.shape[1])
 
@@ -263,7 +255,7 @@ def test_awq_search_budget_replays_the_first_sequences_in_the_block_searches():
     fp = llama.load(TINY)
     _, res = run_numpy(pipeline.QuantConfig(method="awq", wbits=3, group_size=128, awq_search_samples=1), ids)
     lay, conf = fp.layers[0], fp.config
-    Xin = fp_layer_inputs(fp, ids, 0)
+    Xin = layer_inputs(fp, ids, 0)
     X = site_inputs(lay, conf, Xin)
     cos, sin = llama.rope_tables(conf, Xin.shape[1])
     s_attn = awq.search_scale(X["attn_in"][:1], [lay[Q], lay[K], lay[V]], spec, lambda Xb, ws: per_seq(
@@ -294,7 +286,7 @@ def test_awq_multi_head_model_scales_v_into_o(tmp_path):
     q, res = run_numpy(cfg, ids, mha)
     info = res.layers[0].info["awq"]
     assert info["v_to_o"] is True and set(info["groups"]) == {"attn_in", "o_in", "mlp_in", "down_in"}
-    X = site_inputs(fp.layers[0], fp.config, fp_layer_inputs(fp, ids, 0))
+    X = site_inputs(fp.layers[0], fp.config, layer_inputs(fp, ids, 0))
     r = awq.search_scale(X["o_in"], [fp.layers[0][O]], cfg.weight_spec())
     assert info["groups"]["o_in"]["ratio"] == r.best_ratio
     gqa = random_llama(tmp_path / "gqa", heads=4, kv_heads=2)
@@ -326,7 +318,7 @@ def test_without_quantization_the_transformed_layer_is_the_fp_layer(tmp_path, me
 def test_aweq_ablation_switches_and_bias_correction():
     ids = calib()
     fp = llama.load(TINY)
-    X = site_inputs(fp.layers[0], fp.config, fp_layer_inputs(fp, ids, 0))
+    X = site_inputs(fp.layers[0], fp.config, layer_inputs(fp, ids, 0))
     spec = aweq.weight_spec(4)
     for conf in aweq.ABLATIONS:
         cfg = pipeline.QuantConfig(method="aweq", wbits=4, awe=conf.awe, bc=conf.bc)

@@ -13,6 +13,7 @@ from refquant import llama, pipeline, runs
 TINY = runs.DEFAULT_MODEL
 torch = pytest.importorskip("torch")
 from backends import torch_pipeline as tp  # noqa: E402
+from llama_inputs import layer_inputs  # noqa: E402
 
 needs_data = pytest.mark.skipif(not os.environ.get("REFQUANT_DATA_DIR"), reason="REFQUANT_DATA_DIR not set")
 
@@ -27,15 +28,6 @@ def streamed_hessian(X):
     for j in range(X.shape[0]):
         acc.add_batch(X[j:j + 1])
     return acc.H
-
-
-def layer_inputs(model, ids, upto):
-    """Inputs of layer ``upto`` through the (already modified) layers before it, sample by sample."""
-    runner = pipeline.NumpyRunner(model)
-    h = runner.embed(ids)
-    for i in range(upto):
-        h = runner.forward(model.layers[i], h)
-    return h
 
 
 def test_rtn_pipeline_is_rtn_of_every_linear():
