@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from refquant import actquant
-from refquant.stats import KINDS, ChannelStats
+from refquant.stats import ChannelStats
 
 from .numpy_backend import NumpyBackend
 
@@ -57,28 +57,23 @@ except ImportError:  # the numpy backend works without torch
 if torch is not None:
     from .torch_backend import TorchBackend, TorchHessianAccumulator, div_exact
 
-    class TorchChannelStats:
+    class TorchChannelStats(ChannelStats):
         """:class:`refquant.stats.ChannelStats` in torch, on the activations' device.
 
-        Hessian: :class:`TorchHessianAccumulator` (fp32). absmax / min / max: exact in the input
-        dtype. Sums for mean |x| and E[x]: fp32 per batch, accumulated in float64. Kept inputs stay
-        in their dtype, on ``keep_device`` (default: where they come from).
+        Hessian: :class:`TorchHessianAccumulator` (fp32, created on the first batch's device).
+        absmax / min / max: exact in the input dtype. Sums for mean |x| and E[x]: fp32 per batch,
+        accumulated in float64. Kept inputs stay in their dtype, on ``keep_device`` (default: where
+        they come from). ``H`` and ``mean_abs`` are the reference's properties.
         """
 
         def __init__(self, kinds, in_features: int, device=None, keep_device=None):
-            unknown = set(kinds) - set(KINDS)
-            if unknown:
-                raise ValueError(f"unknown statistic(s) {sorted(unknown)}; known: {KINDS}.")
-            self.kinds = tuple(kinds)
-            self.in_features = int(in_features)
+            super().__init__(kinds, in_features)
             self.device = device
             self.keep_device = keep_device
-            self._hessian = None
-            self.absmax = None
-            self._abs_sum = None
             self.x_min = self.x_max = self.x_sum = None
-            self._inputs = []
-            self.tokens = 0
+
+        def _new_hessian(self):
+            return None  # made on the device of the first batch
 
         def add(self, x) -> None:
             if x.shape[-1] != self.in_features:
@@ -107,14 +102,6 @@ if torch is not None:
                 kept = x.detach()
                 self._inputs.append(kept if self.keep_device is None else kept.to(self.keep_device))
             self.tokens += flat.shape[0]
-
-        @property
-        def H(self):
-            return self._hessian.H
-
-        @property
-        def mean_abs(self):
-            return self._abs_sum / self.tokens
 
         @property
         def range_stats(self):

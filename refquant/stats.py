@@ -28,12 +28,15 @@ class ChannelStats:
             raise ValueError(f"unknown statistic(s) {sorted(unknown)}; known: {KINDS}.")
         self.kinds = tuple(kinds)
         self.in_features = int(in_features)
-        self._hessian = HessianAccumulator(in_features) if "H" in kinds else None
+        self._hessian = self._new_hessian() if "H" in kinds else None
         self.absmax = None
         self._abs_sum = None
         self._range_stats = None
         self._inputs = []
         self.tokens = 0
+
+    def _new_hessian(self):
+        return HessianAccumulator(self.in_features)
 
     def add(self, x) -> None:
         """Add a batch ``x`` of shape (batch, tokens, in_features) (or (tokens, in_features))."""

@@ -24,7 +24,7 @@ import pytest
 import refquant as rq
 from refquant import actquant, aweq, awq, llama, pipeline, runs, smoothquant
 from refquant.pipeline import DOWN, GATE, K, O, Q, UP, V
-from llama_inputs import layer_inputs
+from pipeline_helpers import crash_then_resume, layer_inputs, quantize_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = runs.DEFAULT_MODEL
@@ -429,10 +429,6 @@ def test_torch_awq_scales_v_into_o_on_a_multi_head_model(tmp_path):
             assert same.mean() > 0.97, (i, n, same.mean())
 
 
-class Crash(RuntimeError):
-    pass
-
-
 @torch_only
 @pytest.mark.parametrize("method,kw", [("aweq", dict(wbits=4, abits=8, act_mode="per_tensor")),
                                        ("smoothquant", dict(wbits=8, abits=8, act_mode="per_tensor_static"))])
@@ -441,29 +437,10 @@ def test_resume_after_a_crash_gives_identical_results(tmp_path, method, kw):
 
     ids = calib(2, 32)
     cfg = pipeline.QuantConfig(method=method, **kw)
-
-    def run(out, crash_after=None):
-        loaded = runs.load(TINY, "torch", "cpu", "float32")
-        if crash_after is not None:
-            original = runs.LayerStore.write
-
-            def write(self, record, layer, runner):
-                original(self, record, layer, runner)
-                if record.index == crash_after:
-                    raise Crash("injected")
-            runs.LayerStore.write = write
-            try:
-                with pytest.raises(Crash):
-                    runs.quantize(loaded, cfg, ids, out_dir=out, run_info={"ids": "t"}, batch_size=2)
-            finally:
-                runs.LayerStore.write = original
-            loaded = runs.load(TINY, "torch", "cpu", "float32")
-        runs.quantize(loaded, cfg, ids, out_dir=out, resume=crash_after is not None, run_info={"ids": "t"},
-                      batch_size=2)
-        return {k: v.clone() for k, v in loaded.model.state_dict().items()}, loaded.act_quant
-
-    clean, aq_clean = run(tmp_path / "clean")
-    resumed, aq_resumed = run(tmp_path / "crashed", crash_after=1)
+    first = quantize_run(cfg, ids, tmp_path / "clean")
+    clean, aq_clean = first.model.state_dict(), first.act_quant
+    second = crash_then_resume(cfg, ids, tmp_path / "crashed", crash_after=1)
+    resumed, aq_resumed = second.model.state_dict(), second.act_quant
     assert clean.keys() == resumed.keys()
     if method == "aweq":
         assert "model.layers.0.mlp.down_proj.bias" in clean

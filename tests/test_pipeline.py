@@ -13,7 +13,7 @@ from refquant import llama, pipeline, runs
 TINY = runs.DEFAULT_MODEL
 torch = pytest.importorskip("torch")
 from backends import torch_pipeline as tp  # noqa: E402
-from llama_inputs import layer_inputs  # noqa: E402
+from pipeline_helpers import crash_then_resume, layer_inputs, quantize_run  # noqa: E402
 
 needs_data = pytest.mark.skipif(not os.environ.get("REFQUANT_DATA_DIR"), reason="REFQUANT_DATA_DIR not set")
 
@@ -129,42 +129,18 @@ def test_perplexity_engines_agree():
     assert not tp._fusable(hf)
 
 
-class Crash(RuntimeError):
-    pass
-
-
 @pytest.mark.parametrize("method", ["gptq"])
 def test_resume_after_a_crash_gives_identical_results(tmp_path, method):
     ids = calib()
     cfg = pipeline.QuantConfig(method=method, wbits=3, group_size=128)
-
-    def run(out, crash_after=None, resume=False):
-        loaded = runs.load(TINY, "torch", "cpu", "float32")
-        if crash_after is not None:
-            original = runs.LayerStore.write
-
-            def write(self, record, layer, runner):
-                original(self, record, layer, runner)
-                if record.index == crash_after:
-                    raise Crash(f"injected crash after layer {crash_after}")
-            runs.LayerStore.write = write
-            try:
-                with pytest.raises(Crash):
-                    runs.quantize(loaded, cfg, ids, out_dir=out, run_info={"ids": "test"}, batch_size=2)
-            finally:
-                runs.LayerStore.write = original
-            loaded = runs.load(TINY, "torch", "cpu", "float32")
-        runs.quantize(loaded, cfg, ids, out_dir=out, resume=resume, run_info={"ids": "test"}, batch_size=2)
-        return {k: v.clone() for k, v in loaded.model.state_dict().items()}
-
-    clean = run(tmp_path / "clean")
-    resumed = run(tmp_path / "crashed", crash_after=1, resume=True)
+    clean = quantize_run(cfg, ids, tmp_path / "clean").model.state_dict()
+    resumed = crash_then_resume(cfg, ids, tmp_path / "crashed", crash_after=1).model.state_dict()
     assert sorted(p.name for p in (tmp_path / "crashed" / "quantized").glob("layer_*.json")) == \
         [f"layer_{i:03d}.json" for i in range(4)]
     for k in clean:
         assert torch.equal(clean[k], resumed[k]), k
     with pytest.raises(FileExistsError, match="--resume"):
-        run(tmp_path / "clean")
+        quantize_run(cfg, ids, tmp_path / "clean")
 
 
 def test_resume_refuses_a_different_config(tmp_path):
