@@ -8,14 +8,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import time
+import typing
 from pathlib import Path
 
-from . import data, pipeline, runs
-from .provenance import provenance, write_json_atomic, write_text_atomic
+from . import backends, data, golden, mainjob, pipeline, runs
+from .provenance import portable_path, provenance, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("refquant")
 
@@ -38,38 +40,69 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_method(p: argparse.ArgumentParser) -> None:
+    """``--method``, the shared quantizer settings, and every registered method's options.
+
+    The method options are generated from each wiring unit's ``Options`` dataclass
+    (``refquant/methods/<name>.py``): ``--field-name`` with the field's type and default, or for a
+    bool ``--field-name`` (default False) / ``--no-field-name`` (default True); the field's
+    ``metadata["help"]`` is the help text. Nothing here names a method.
+    """
     p.add_argument("--method", default="gptq", choices=sorted(pipeline.METHODS))
     p.add_argument("--wbits", type=int, default=4)
     p.add_argument("--group-size", type=_group_size, default=128, help="columns per group; -1 = per output channel")
     p.add_argument("--sym", action="store_true", help="the original's symmetric grid (zero = (maxq+1)/2)")
-    p.add_argument("--act-order", action="store_true")
-    p.add_argument("--static-groups", action="store_true")
-    p.add_argument("--true-sequential", action="store_true")
-    p.add_argument("--percdamp", type=float, default=0.01)
-    p.add_argument("--blocksize", type=int, default=128)
-    p.add_argument("--max-percdamp", type=float, default=None, help="opt-in damping escalation up to this percdamp")
     p.add_argument("--abits", type=int, default=16, help="activation bits (16 = not quantized)")
-    p.add_argument("--act-mode", default="per_token", choices=["per_token", "per_tensor", "per_tensor_static"])
-    p.add_argument("--quantize-bmm-input", action="store_true", help="SmoothQuant: also quantize q/k/v outputs")
-    p.add_argument("--alpha", type=float, default=0.85, help="SmoothQuant migration strength")
-    p.add_argument("--duo-scaling", action="store_true", help="AWQ: the first release's x^r / w^(1-r) scales")
-    p.add_argument("--awq-search-samples", type=int, default=None, metavar="N",
-                   help="AWQ: replay only the first N calibration sequences in the attention/MLP scale searches "
-                        "(a speed budget; default: all, as the original)")
-    p.add_argument("--no-awq-clip", action="store_true")
-    p.add_argument("--no-awe", action="store_true", help="AWEQ: no activation-weight equalization")
-    p.add_argument("--no-bc", action="store_true", help="AWEQ: no bias correction")
-    p.add_argument("--group-quant", action="store_true", help="AWEQ: use --group-size instead of per-tensor weights")
+    p.add_argument("--act-mode", default="per_token", choices=list(pipeline.ACT_MODES))
+    p.add_argument("--quantize-bmm-input", action="store_true", help="also per-token quantize the q/k/v outputs")
+    seen: dict[str, tuple] = {}
+    for name, method in sorted(pipeline.METHODS.items()):
+        group = p.add_argument_group(f"{name} options")
+        hints = typing.get_type_hints(method.Options)
+        for f in dataclasses.fields(method.Options):
+            key = (hints[f.name], f.default)
+            if f.name in seen:
+                if seen[f.name] != key:
+                    raise ValueError(f"option {f.name!r} of {name} clashes with another method's option of the same "
+                                     f"name ({seen[f.name]} vs {key}); rename one of them.")
+                continue
+            seen[f.name] = key
+            _add_option(group, f, hints[f.name], name)
+
+
+def _add_option(group, f: dataclasses.Field, hint, method: str) -> None:
+    help_text = f"{f.metadata.get('help', '')} ({method})".strip()
+    flag = "--" + f.name.replace("_", "-")
+    if hint is bool:
+        if f.default:
+            group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", default=True,
+                               help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, action="store_true", default=False, help=help_text)
+        return
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    kind = args[0] if args else hint
+    if kind not in (int, float, str):
+        raise ValueError(f"{method} option {f.name}: type {hint} has no command-line form (use bool, int, float, str "
+                         "or an Optional of those).")
+    group.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text,
+                       metavar=f.metadata.get("metavar"))
 
 
 def config_from_args(a) -> pipeline.QuantConfig:
-    return pipeline.QuantConfig(
-        method=a.method, wbits=a.wbits, group_size=a.group_size, sym=a.sym, act_order=a.act_order,
-        static_groups=a.static_groups, true_sequential=a.true_sequential, percdamp=a.percdamp,
-        blocksize=a.blocksize, max_percdamp=a.max_percdamp, abits=a.abits, act_mode=a.act_mode,
-        quantize_bmm_input=a.quantize_bmm_input, alpha=a.alpha, duo_scaling=a.duo_scaling,
-        awq_search_samples=a.awq_search_samples,
-        awq_clip=not a.no_awq_clip, awe=not a.no_awe, bc=not a.no_bc, aweq_per_tensor=not a.group_quant)
+    """The :class:`~refquant.pipeline.QuantConfig` of the parsed arguments.
+
+    An option of another method set to a non-default value is an error (it would be silently ignored).
+    """
+    method = pipeline.METHODS[a.method]
+    own = {f.name for f in dataclasses.fields(method.Options)}
+    for other_name, other in pipeline.METHODS.items():
+        for f in dataclasses.fields(other.Options):
+            if f.name not in own and getattr(a, f.name, f.default) != f.default:
+                raise ValueError(f"--{f.name.replace('_', '-')} is an option of {other_name}; it has no effect with "
+                                 f"--method {a.method}.")
+    options = method.Options(**{name: getattr(a, name) for name in own})
+    return pipeline.QuantConfig(method=a.method, wbits=a.wbits, group_size=a.group_size, sym=a.sym, abits=a.abits,
+                                act_mode=a.act_mode, quantize_bmm_input=a.quantize_bmm_input, options=options)
 
 
 def _datasets(text: str) -> list[str]:
@@ -84,20 +117,14 @@ def _datasets(text: str) -> list[str]:
 
 
 def preflight(backend: str, device: str, methods: list[str]) -> list[dict]:
-    """Golden parity check of ``backend`` on ``device`` for the primitives ``methods`` use."""
-    import backends
-
-    from . import golden
-
+    """Golden parity check of ``backend`` on ``device`` on the golden suites ``methods`` rely on."""
     be = backends.get_backend(backend)
-    prims = {"rtn": ["rtn"], "gptq": ["gptq", "hessian"], **{m: [m, "rtn"] for m in ("smoothquant", "awq", "aweq")}}
-    wanted = sorted({p for m in methods for p in prims.get(m, ["rtn"])})
-    to_device, to_numpy = (lambda a: a), be.to_numpy
-    if backend == "torch":
-        import torch
-
-        to_device = lambda a: torch.as_tensor(a).to(device)  # noqa: E731
-    return golden.parity_check(be, methods=wanted, to_device=to_device, to_numpy=to_numpy)
+    unknown = [m for m in methods if m not in pipeline.METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; available: {sorted(pipeline.METHODS)}.")
+    wanted = sorted({s for m in methods for s in pipeline.METHODS[m].preflight})
+    to_device = (lambda a: be.asarray(a, device=device)) if backend == "torch" else (lambda a: a)
+    return golden.parity_check(be, methods=wanted, to_device=to_device, to_numpy=be.to_numpy)
 
 
 def _run_preflight(a, config, loaded) -> dict | None:
@@ -134,7 +161,7 @@ def cmd_quantize(a) -> int:
     timings.update({f"quantize.{k}": v for k, v in result.timings.items()})
     t = time.perf_counter()
     runs.save_model(loaded, out, {"config": config.to_dict(), "act_quant": result_act_quant(loaded),
-                                  "source_model": loaded.source})
+                                  "source_model": portable_path(loaded.source)})
     timings["save"] = time.perf_counter() - t
     ppl = runs.evaluate_ppl(loaded, a.eval, a.seqlen, a.data_dir, a.max_eval_windows, a.batch_size) if a.eval else {}
     record = runs.results_record(loaded, config, result, calib_info, ppl, timings)
@@ -178,9 +205,7 @@ def cmd_preflight(a) -> int:
 
 
 def cmd_main(a) -> int:
-    from .mainjob import run_main
-
-    return run_main(a)
+    return mainjob.run_main(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,9 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("main", help="the study's Table-1 comparison (RTN vs GPTQ at 4/3/2 bits, g128) on the embedded model")
     m.add_argument("--model", default=str(runs.DEFAULT_MODEL))
     m.add_argument("--out", default="results/main")
-    m.add_argument("--suite", default="table1", choices=["table1", "equalization"],
-                   help="table1: RTN vs GPTQ (--methods, --bits, --group-size); equalization: SmoothQuant W8A8/W6A6/W4A4, "
-                        "AWQ vs RTN w4/w3 g128, AWEQ's ablation at W8A8 and INT4/INT3 (a GPU job: AWQ is slow on a CPU)")
+    m.add_argument("--suite", default="table1", choices=mainjob.suites(),
+                   help="table1: --methods at --bits with --group-size (the study's Table 1); any other suite: the rows "
+                        "the methods declare for it (equalization: SmoothQuant, AWQ vs RTN, AWEQ's ablation; a GPU job)")
     m.add_argument("--bits", default="4,3,2")
     m.add_argument("--methods", default="rtn,gptq")
     m.add_argument("--group-size", type=_group_size, default=128)

@@ -57,7 +57,7 @@ from typing import Callable
 
 import numpy as np
 
-from .progress import progress
+from .spec.progress import progress
 
 log = logging.getLogger("refquant")
 
@@ -276,7 +276,7 @@ def load_rows(dataset: str, split: str, data_dir: str | os.PathLike | None = Non
     If none exists and ``datasets`` is importable, ``datasets.load_dataset`` is called as in the
     originals. Otherwise :class:`DatasetNotFound` lists every path tried.
 
-    Returns ``(rows, info)`` with ``info = {"dataset", "split", "source" (a path or
+    Returns ``(rows, info)`` with ``info = {"dataset", "split", "source" (a path relative to the data directory, or
     "huggingface"), "variant", "n_rows"}`` plus ``"caveat"`` for stand-ins and subsets.
     """
     if dataset not in _DATASET_TITLES:
@@ -298,7 +298,8 @@ def load_rows(dataset: str, split: str, data_dir: str | os.PathLike | None = Non
         path = root / cand.relpath
         if path.is_file():
             rows = cand.reader(path)
-            info = {"dataset": dataset, "split": split, "source": str(path), "variant": cand.variant,
+            # relative to the data directory: results never record a machine's absolute paths
+            info = {"dataset": dataset, "split": split, "source": cand.relpath, "variant": cand.variant,
                     "n_rows": len(rows)}
             if cand.caveat:
                 info["caveat"] = cand.caveat

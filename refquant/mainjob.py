@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from . import data, pipeline, runs
-from .provenance import provenance, write_json_atomic, write_text_atomic
+from .provenance import portable_path, provenance, write_json_atomic, write_text_atomic
 
 COLUMNS = {"wikitext2": "WikiText2", "c4": "C4", "ptb": "PTB", "c4-new": "C4 (new)", "ptb-new": "PTB (new)"}
 
@@ -29,7 +29,7 @@ def run_main(a) -> int:
     out = Path(a.out)
     (out / "rows").mkdir(parents=True, exist_ok=True)
     backend = runs.resolve_backend(a.backend)
-    rows = [("fp", "FP", None)] + SUITES[getattr(a, "suite", "table1")](a)
+    rows = [("fp", "FP", None)] + suite_rows(a, getattr(a, "suite", "table1"))
     t0 = time.perf_counter()
     base = runs.load(a.model, backend, a.device, a.dtype)
     calib_ids, calib_info = data.get_calibration("wikitext2", base.encode, nsamples=a.nsamples, seqlen=a.seqlen,
@@ -37,7 +37,7 @@ def run_main(a) -> int:
     token_cache: dict = {}
     results = []
     for key, label, config in rows:
-        settings = {"model": str(a.model), "backend": backend, "dtype": base.dtype if backend == "numpy" else a.dtype,
+        settings = {"model": portable_path(a.model), "backend": backend, "dtype": base.dtype if backend == "numpy" else a.dtype,
                     "config": config.to_dict() if config else None, "ppl": a.ppl, "seqlen": a.seqlen,
                     "max_eval_windows": a.max_eval_windows, "nsamples": a.nsamples, "seed": a.seed}
         path = out / "rows" / f"{key}.json"
@@ -52,14 +52,15 @@ def run_main(a) -> int:
         loaded = runs.load(a.model, backend, a.device, a.dtype)
         timings = {}
         if config is not None:
-            res = runs.quantize(loaded, config, calib_ids if pipeline.METHODS[config.method].needs_calibration else None,
+            res = runs.quantize(loaded, config, calib_ids if config.method_obj.needs_calibration else None,
                                 batch_size=a.batch_size)
             timings = res.timings
         ppl = runs.evaluate_ppl(loaded, a.ppl, a.seqlen, a.data_dir, a.max_eval_windows, a.batch_size,
                                 token_cache=token_cache)
         row = {"key": key, "label": label, "wbits": config.wbits if config else 16,
                "abits": config.abits if config else 16,
-               "group_size": config.group_size if config else None, "settings": settings,
+               "group_size": config.group_size if config else None,
+               "per_tensor": bool(config and config.weight_spec().per_tensor), "settings": settings,
                "perplexity": {k: v["ppl"] for k, v in ppl.items()},
                "windows": {k: v["n_windows"] for k, v in ppl.items()},
                "data": {k: v["data"] for k, v in ppl.items()}, "timings_s": timings,
@@ -83,30 +84,26 @@ def run_main(a) -> int:
 
 
 def table1_rows(a) -> list:
-    """RTN and GPTQ at ``--bits`` with ``--group-size`` (the study's Table 1 rows of the two)."""
+    """``--methods`` at ``--bits`` with ``--group-size`` (the study's Table 1 rows; RTN and GPTQ by default)."""
     bits = [int(b) for b in a.bits.split(",")]
     methods = [m.strip() for m in a.methods.split(",")]
-    return [(f"{m}_w{b}_g{a.group_size or 'row'}", m.upper(), pipeline.QuantConfig(method=m, wbits=b, group_size=a.group_size))
+    return [(f"{m}_w{b}_g{a.group_size or 'row'}", m.upper(), pipeline.QuantConfig.of(m, wbits=b, group_size=a.group_size))
             for m in methods for b in bits]
 
 
-def equalization_rows(a) -> list:
-    """SmoothQuant (W8A8/W6A6/W4A4, alpha 0.85, BMM inputs quantized), AWQ vs RTN (w4/w3 g128), AWEQ's ablation."""
-    QC = pipeline.QuantConfig
-    rows = [(f"smoothquant_w{b}a{b}", "SmoothQuant",
-             QC(method="smoothquant", wbits=b, group_size=None, abits=b, quantize_bmm_input=True, alpha=0.85))
-             for b in (8, 6, 4)]
-    rows += [(f"{m}_w{b}_g128", m.upper(), QC(method=m, wbits=b, group_size=128)) for b in (4, 3) for m in ("rtn", "awq")]
-    ablation = (("plain", "AWEQ plain", False, False), ("bc", "AWEQ +BC", False, True),
-                ("awe", "AWEQ +AWE", True, False), ("aweq", "AWEQ (AWE+BC)", True, True))
-    for w, extra in ((8, dict(abits=8, act_mode="per_tensor")), (4, {}), (3, {})):
-        tag = f"w{w}a8" if extra else f"w{w}"
-        rows += [(f"aweq_{tag}_{k}", label, QC(method="aweq", wbits=w, group_size=None, awe=awe, bc=bc, **extra))
-                 for k, label, awe, bc in ablation]
+def suites() -> list[str]:
+    """``table1`` and every suite a registered method has rows in (``Method.suites``)."""
+    return ["table1"] + sorted({s for m in pipeline.METHODS.values() for s in m.suites})
+
+
+def suite_rows(a, suite: str) -> list:
+    """The rows ``(key, label, QuantConfig)`` of ``suite``: methods in registry order, each with its own rows."""
+    if suite == "table1":
+        return table1_rows(a)
+    rows = [row for m in pipeline.METHODS.values() for row in m.study_rows(suite)]
+    if not rows:
+        raise ValueError(f"no method has rows in suite {suite!r}; suites: {', '.join(suites())}.")
     return rows
-
-
-SUITES = {"table1": table1_rows, "equalization": equalization_rows}
 
 
 def render_table(results: list[dict], datasets: list[str]) -> str:
@@ -115,8 +112,7 @@ def render_table(results: list[dict], datasets: list[str]) -> str:
     lines = [head, sep]
     for r in results:
         name = "tiny-llama3 (bf16 weights)" if r["key"] == "fp" else r["label"]
-        per_tensor = (r.get("settings", {}).get("config") or {}).get("method") == "aweq" and \
-            (r["settings"]["config"] or {}).get("aweq_per_tensor")
+        per_tensor = r.get("per_tensor", False)
         g = "tensor" if per_tensor else "-" if r["group_size"] is None else str(r["group_size"])
         vals = " | ".join(fmt(r["perplexity"][d]) for d in datasets)
         lines.append(f"| {name} | {r['wbits']} | {r['abits']} | {g} | {vals} |")

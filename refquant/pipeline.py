@@ -18,34 +18,30 @@ method and every backend:
 ``[down]`` in turn, each with a fresh statistics pass through the partially quantized layer.
 
 A *runner* adapts a model to the loop (:class:`NumpyRunner` for the NumPy reference LLaMA; the
-torch runner in ``backends/torch_pipeline.py`` for Hugging Face models), and an *ops* object (a
-backend from ``backends.get_backend``) supplies the array algorithms. A method is a class with
-``quantize_layer(ctx)``; new methods register in :data:`METHODS` without touching the loop.
+torch runner in ``refquant/torch_pipeline.py`` for Hugging Face models), and an *ops* object (a
+backend from ``refquant.backends.get_backend``) supplies the array algorithms. A method is a
+wiring unit in ``refquant/methods/`` (a :class:`Method` subclass with ``quantize_layer(ctx)``)
+registered with :func:`register`; the loop, the CLI and the tools iterate :data:`METHODS`.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Protocol
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Callable, ClassVar, Protocol
 
 import numpy as np
 
-from . import llama
-from .progress import progress
-from .quantizer import QuantizedWeight, QuantSpec
+from . import backends, golden
+from .spec import llama
+from .spec.formats import WeightFormat
+from .spec.progress import progress
+from .spec.quantizer import QuantSpec
 
 log = logging.getLogger("refquant")
 
-Q, K, V, O = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"
-GATE, UP, DOWN = "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"
-INPUT_LINEARS = {"attn_in": (Q, K, V), "o_in": (O,), "mlp_in": (GATE, UP), "down_in": (DOWN,)}
-"""The distinct linear inputs of a LLaMA decoder layer and the linears that read each."""
-INPUT_OF = {name: group for group, names in INPUT_LINEARS.items() for name in names}
-NORM_OF = {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm"}
-"""The RMSNorm that produces an input (where a per-channel scale can be folded)."""
-TRUE_SEQUENTIAL = ((K, V, Q), (O,), (UP, GATE), (DOWN,))
-"""Quantization order of GPTQ's ``--true-sequential`` (``llama.py``)."""
+Q, K, V, O, GATE, UP, DOWN = llama.Q, llama.K, llama.V, llama.O, llama.GATE, llama.UP, llama.DOWN
+INPUT_LINEARS, INPUT_OF, NORM_OF = llama.INPUT_LINEARS, llama.INPUT_OF, llama.NORM_OF
 
 
 class CalibrationOverflow(FloatingPointError):
@@ -58,54 +54,89 @@ class CalibrationOverflow(FloatingPointError):
 
 
 @dataclass(frozen=True)
+class Options:
+    """Base of a method's typed options (a frozen dataclass with the authors' defaults).
+
+    Every field becomes a CLI argument of ``refquant quantize`` (``refquant/cli.py`` generates them:
+    ``--field-name``; a bool that defaults to True becomes ``--no-field-name``); a field's
+    ``metadata["help"]`` is its help text. ``__post_init__`` validates the values.
+    """
+
+
+@dataclass(frozen=True)
+class NoOptions(Options):
+    """A method without options of its own."""
+
+
+ACT_MODES = ("per_token", "per_tensor", "per_tensor_static")
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """Everything that decides a quantized model (recorded in every result).
 
-    Weight quantizer: ``wbits``, ``group_size`` (``None`` = per output channel), ``sym``.
-    GPTQ: ``act_order``, ``static_groups``, ``true_sequential``, ``percdamp``, ``blocksize``,
-    ``max_percdamp`` (opt-in damping escalation). Activations: ``abits`` (16 = not quantized),
-    ``act_mode`` (``per_token`` | ``per_tensor`` | ``per_tensor_static``), ``quantize_bmm_input``
-    (SmoothQuant: per-token quantize the q/k/v outputs). SmoothQuant: ``alpha``. AWQ:
-    ``duo_scaling`` (the first release's scale formula), ``awq_clip``, ``awq_search_samples`` (opt-in:
-    the attention / MLP scale searches replay only the first that many calibration sequences;
-    ``None`` = all, the faithful default). AWEQ: ``awe``, ``bc``,
-    ``aweq_per_tensor``.
+    The fields every method shares: the weight grid (``wbits``, ``group_size``: ``None`` = per
+    output channel, ``sym``) and the activation quantizers (``abits``: 16 = not quantized,
+    ``act_mode``: ``per_token`` | ``per_tensor`` | ``per_tensor_static``, ``quantize_bmm_input``:
+    also per-token quantize the q/k/v outputs, SmoothQuant's W8A8 recipe). ``options`` holds the
+    method's own typed options (its wiring unit's ``Options`` dataclass; default: the authors'
+    defaults). :meth:`of` builds a config from flat keyword arguments.
     """
 
     method: str = "gptq"
     wbits: int = 4
     group_size: int | None = 128
     sym: bool = False
-    act_order: bool = False
-    static_groups: bool = False
-    true_sequential: bool = False
-    percdamp: float = 0.01
-    blocksize: int = 128
-    max_percdamp: float | None = None
     abits: int = 16
     act_mode: str = "per_token"
     quantize_bmm_input: bool = False
-    alpha: float = 0.85
-    duo_scaling: bool = False
-    awq_clip: bool = True
-    awq_search_samples: int | None = None
-    awe: bool = True
-    bc: bool = True
-    aweq_per_tensor: bool = True
+    options: Options | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; available: {sorted(METHODS)}.")
+        method = METHODS[self.method]
+        if self.options is None:
+            object.__setattr__(self, "options", method.Options())
+        if not isinstance(self.options, method.Options):
+            raise ValueError(f"options of method {self.method!r} must be a {method.Options.__name__}; "
+                             f"got {type(self.options).__name__}.")
         if self.abits != 16 and not 2 <= self.abits <= 8:
             raise ValueError(f"abits must be 16 (no activation quantization) or 2..8; got {self.abits}.")
-        if self.act_mode not in ("per_token", "per_tensor", "per_tensor_static"):
-            raise ValueError(f"act_mode must be per_token, per_tensor or per_tensor_static; got {self.act_mode!r}.")
-        if self.awq_search_samples is not None and (
-                isinstance(self.awq_search_samples, bool) or not isinstance(self.awq_search_samples, int)
-                or self.awq_search_samples < 1):
-            raise ValueError(f"awq_search_samples must be a positive int (calibration sequences) or None (all); "
-                             f"got {self.awq_search_samples!r}.")
+        if self.act_mode not in ACT_MODES:
+            raise ValueError(f"act_mode must be one of {', '.join(ACT_MODES)}; got {self.act_mode!r}.")
+        method.validate(self)
         self.weight_spec()  # validates wbits/group_size
+
+    @classmethod
+    def of(cls, method: str = "gptq", **kwargs) -> "QuantConfig":
+        """A config from flat keyword arguments: shared fields by name, the rest are the method's options.
+
+        ``QuantConfig.of("awq", wbits=3, awq_search_samples=32)`` is
+        ``QuantConfig("awq", wbits=3, options=AWQOptions(awq_search_samples=32))``.
+        """
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}.")
+        shared = {f.name for f in fields(cls)} - {"method", "options"}
+        opts_cls = METHODS[method].Options
+        own = {f.name for f in fields(opts_cls)}
+        unknown = set(kwargs) - shared - own
+        if unknown:
+            raise ValueError(f"{method}: unknown setting(s) {sorted(unknown)}; shared settings: {sorted(shared)}, "
+                             f"{method} options: {sorted(own) or 'none'}.")
+        options = opts_cls(**{k: v for k, v in kwargs.items() if k in own})
+        return cls(method=method, options=options, **{k: v for k, v in kwargs.items() if k in shared})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        """The inverse of :meth:`to_dict`."""
+        d = dict(d)
+        options = d.pop("options", None) or {}
+        return cls.of(d.pop("method", "gptq"), **d, **options)
+
+    @property
+    def method_obj(self) -> "Method":
+        return METHODS[self.method]
 
     def weight_spec(self) -> QuantSpec:
         return METHODS[self.method].weight_spec(self)
@@ -179,7 +210,7 @@ class LayerContext:
     runner: Runner
     config: QuantConfig
     inputs: object
-    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    quantized: dict[str, WeightFormat] = field(default_factory=dict)
     act_quant: dict[str, ActQuant] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     timer: StageTimer = field(default_factory=StageTimer)
@@ -196,7 +227,7 @@ class LayerContext:
     def set(self, name: str, value) -> None:
         self.runner.set(self.layer, name, value)
 
-    def set_quantized(self, name: str, qw: QuantizedWeight) -> None:
+    def set_quantized(self, name: str, qw: WeightFormat) -> None:
         """Replace linear ``name`` by its dequantized weight and keep the codes for saving."""
         self.quantized[name] = qw
         self.set(name, qw.dequantize())
@@ -247,15 +278,28 @@ class LayerContext:
 
     def hooks(self) -> llama.LinearHooks:
         """The activation quantizers chosen so far (used when propagating through this layer)."""
-        return llama.LinearHooks(on_input=self._act_hook, on_output=self._out_hook)
+        return act_quant_hooks(self.act_quant, self.ops)
 
     def _act_hook(self, name, x):
-        aq = self.act_quant.get(name)
-        return x if aq is None else self.ops.quantize_activation(x, aq.bits, aq.mode, aq.static_scale)
+        return act_quant_hooks(self.act_quant, self.ops).on_input(name, x)
 
     def _out_hook(self, name, y):
-        aq = self.act_quant.get(name)
-        return y if aq is None or not aq.quantize_output else self.ops.quantize_activation(y, aq.bits, "per_token")
+        return act_quant_hooks(self.act_quant, self.ops).on_output(name, y)
+
+
+def act_quant_hooks(act_quant: dict[str, ActQuant], ops) -> llama.LinearHooks:
+    """Linear hooks that fake-quantize each linear's input (and, with ``quantize_output``, its output)
+    as ``act_quant`` (linear name -> :class:`ActQuant`) says, with the backend ``ops``."""
+
+    def on_input(name, x):
+        aq = act_quant.get(name)
+        return x if aq is None else ops.quantize_activation(x, aq.bits, aq.mode, aq.static_scale)
+
+    def on_output(name, y):
+        aq = act_quant.get(name)
+        return y if aq is None or not aq.quantize_output else ops.quantize_activation(y, aq.bits, "per_token")
+
+    return llama.LinearHooks(on_input=on_input, on_output=on_output)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,18 +307,44 @@ class LayerContext:
 
 
 class Method:
-    """Base class: a method quantizes one decoder layer in :meth:`quantize_layer`."""
+    """Base class of a method's wiring unit (``refquant/methods/<name>.py``), registered once with
+    :func:`register`. The CLI, the golden tool, the benchmark, the main job and the loop read
+    everything about a method from here:
 
-    name = "?"
-    needs_calibration = True
-    propagate = "quantized"  # or "fp": next-layer inputs from the unquantized layer
+    * ``name``; ``Options``: the typed options dataclass (authors' defaults; CLI arguments are
+      generated from it); :meth:`validate`: checks across the shared config and the options;
+    * ``ops``: the backend protocol (``refquant.backends.protocols``) the method's
+      :meth:`quantize_layer` calls -- a backend without that twin is refused with a clear error;
+    * ``needs_calibration``; ``propagate``: next-layer inputs from the ``"quantized"`` or the
+      ``"fp"`` layer; :meth:`first_statistics` (what the first calibration pass collects, per
+      linear input: ``H``, ``absmax``, ``mean_abs``, ``minmax``, ``mean``, ``inputs``);
+    * :meth:`weight_spec`; :meth:`quantize_layer`: the method on one decoder layer;
+    * ``golden``: its golden suites (``refquant.golden.GoldenSuite``: cases, comparison and parity
+      rules, how to run a backend on a case); ``preflight``: the golden suites a GPU run of the
+      method is checked on first;
+    * ``bench_preset`` (settings for ``tools/bench.py``; ``bench_default``: run by default);
+      ``suites`` and :meth:`study_rows`: the main job's suites the method has rows in, and the rows.
+    """
 
-    @staticmethod
-    def weight_spec(config: QuantConfig) -> QuantSpec:
+    name: ClassVar[str] = "?"
+    Options: ClassVar[type] = NoOptions
+    ops: ClassVar[type] = object
+    needs_calibration: ClassVar[bool] = True
+    propagate: ClassVar[str] = "quantized"  # or "fp": next-layer inputs from the unquantized layer
+    golden: ClassVar[tuple] = ()
+    preflight: ClassVar[tuple[str, ...]] = ()
+    bench_preset: ClassVar[dict | None] = None
+    bench_default: ClassVar[bool] = False
+    suites: ClassVar[tuple[str, ...]] = ()
+
+    def validate(self, config: QuantConfig) -> None:
+        """Raise ValueError when the shared settings do not fit the method (e.g. AWQ with ``sym``)."""
+
+    def weight_spec(self, config: QuantConfig) -> QuantSpec:
         return QuantSpec(bits=config.wbits, group_size=config.group_size, sym=config.sym)
 
     def quantize_layer(self, ctx: LayerContext) -> None:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement quantize_layer")
 
     def first_statistics(self, ctx: LayerContext) -> dict | None:
         """For ``propagate = "fp"``: the requests of the method's first :meth:`LayerContext.collect`.
@@ -284,6 +354,10 @@ class Method:
         requests receives them. None: no fusion.
         """
         return None
+
+    def study_rows(self, suite: str) -> list:
+        """The method's rows ``(key, label, QuantConfig)`` in the main job's ``suite`` (none by default)."""
+        return []
 
     @staticmethod
     def choose_act_quant(ctx: LayerContext, absmax: dict | None = None) -> None:
@@ -300,96 +374,29 @@ class Method:
                                            quantize_output=cfg.quantize_bmm_input and name in (Q, K, V))
 
 
-class RTN(Method):
-    """Round-to-nearest every linear (:func:`refquant.rtn`); no calibration data."""
-
-    name = "rtn"
-    needs_calibration = False
-
-    def quantize_layer(self, ctx):
-        spec = ctx.config.weight_spec()
-        for name in llama.LINEARS:
-            ctx.set_quantized(name, ctx.ops.rtn(ctx.get(name), spec))
+METHODS: dict[str, Method] = {}
+"""Every registered method by name, filled by the wiring units in ``refquant/methods/``."""
 
 
-class GPTQ(Method):
-    """GPTQ (:func:`refquant.gptq`) with Hessians from the layer's (partially quantized) inputs."""
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator of a wiring unit: registers the method and its golden suites, once.
 
-    name = "gptq"
-
-    def quantize_layer(self, ctx):
-        cfg = ctx.config
-        steps = TRUE_SEQUENTIAL if cfg.true_sequential else (tuple(llama.LINEARS),)
-        for names in steps:
-            groups = {INPUT_OF[n] for n in names}
-            stats = ctx.collect({g: ("H",) for g in groups})
-            for group in sorted(groups):
-                members = [n for n in names if INPUT_OF[n] == group]
-                qws = ctx.ops.gptq_shared([ctx.get(n) for n in members], stats[group].H, cfg.weight_spec(),
-                                          blocksize=cfg.blocksize, percdamp=cfg.percdamp, act_order=cfg.act_order,
-                                          static_groups=cfg.static_groups, max_percdamp=cfg.max_percdamp)
-                for n, qw in zip(members, qws):
-                    ctx.set_quantized(n, qw)
-                    ctx.info.setdefault("gptq_loss", {})[n] = float(qw.info.get("loss", float("nan")))
-
-
-METHOD_MODULES = ("refquant.smoothquant", "refquant.awq", "refquant.aweq")
-"""Modules whose layer-level methods register themselves; imported on the first lookup."""
-
-
-class _MethodRegistry(dict):
-    """``name -> Method``; the first read imports :data:`METHOD_MODULES` (no import cycle at load time)."""
-
-    _loaded = False
-
-    def _load(self):
-        if not self._loaded:
-            self._loaded = True
-            import importlib
-
-            for module in METHOD_MODULES:
-                importlib.import_module(module)
-
-    def __getitem__(self, key):
-        self._load()
-        return super().__getitem__(key)
-
-    def __contains__(self, key):
-        self._load()
-        return super().__contains__(key)
-
-    def __iter__(self):
-        self._load()
-        return super().__iter__()
-
-    def __len__(self):
-        self._load()
-        return super().__len__()
-
-    def get(self, key, default=None):
-        self._load()
-        return super().get(key, default)
-
-    def keys(self):
-        self._load()
-        return super().keys()
-
-    def values(self):
-        self._load()
-        return super().values()
-
-    def items(self):
-        self._load()
-        return super().items()
-
-
-METHODS: dict[str, Method] = _MethodRegistry({m.name: m() for m in (RTN, GPTQ)})
-
-
-def register_method(method: Method) -> Method:
-    """Add a method instance to :data:`METHODS` (the CLI and :class:`QuantConfig` see it)."""
-    METHODS[method.name] = method
-    return method
+    Refuses a second method of the same name, options that are not a frozen :class:`Options`
+    dataclass, and golden suites another method already registered.
+    """
+    name = cls.name
+    if not isinstance(name, str) or not name or name == "?":
+        raise ValueError(f"{cls.__name__}: set the class attribute name = '<method>' before registering.")
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is registered twice ({type(METHODS[name]).__name__} and {cls.__name__}).")
+    if not (isinstance(cls.Options, type) and issubclass(cls.Options, Options)):
+        raise ValueError(f"{cls.__name__}.Options must be a dataclass subclassing refquant.pipeline.Options.")
+    if cls.propagate not in ("quantized", "fp"):
+        raise ValueError(f"{cls.__name__}.propagate must be 'quantized' or 'fp'; got {cls.propagate!r}.")
+    for suite in cls.golden:
+        golden.register_suite(suite)
+    METHODS[name] = cls()
+    return cls
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +407,7 @@ def register_method(method: Method) -> Method:
 class LayerRecord:
     index: int
     seconds: float
-    quantized: dict[str, QuantizedWeight]
+    quantized: dict[str, WeightFormat]
     act_quant: dict[str, ActQuant]
     info: dict
 
@@ -436,6 +443,10 @@ def quantize_model(runner: Runner, config: QuantConfig, calib_ids: np.ndarray | 
         timer: a :class:`StageTimer` to fill (the caller keeps the stage times even if the run stops).
     """
     method = METHODS[config.method]
+    if not isinstance(runner.ops, method.ops):
+        raise ValueError(f"method {config.method!r} needs the {method.ops.__name__} operations, which the "
+                         f"{getattr(runner.ops, 'name', type(runner.ops).__name__)!r} backend does not implement; "
+                         f"use a backend that has {config.method}'s twin (see docs/architecture.md).")
     n_layers = runner.config.num_hidden_layers
     timer = timer or StageTimer(getattr(runner, "sync", None))
     t_start = time.perf_counter()
@@ -490,11 +501,13 @@ def quantize_model(runner: Runner, config: QuantConfig, calib_ids: np.ndarray | 
     return QuantizationResult(config, records, timings)
 
 
-def _on_host(qw: QuantizedWeight, ops) -> QuantizedWeight:
-    """The quantized weight with its arrays moved to host memory (NumPy); GPU memory is freed."""
-    to_numpy = getattr(ops, "to_numpy", np.asarray)
-    info = {k: (to_numpy(v) if hasattr(v, "shape") else v) for k, v in qw.info.items()}
-    return QuantizedWeight(to_numpy(qw.codes), to_numpy(qw.scale), to_numpy(qw.zero), to_numpy(qw.g_idx), qw.spec, info)
+def _on_host(qw: WeightFormat, ops) -> WeightFormat:
+    """The quantized weight (any format) with its arrays moved to host memory (NumPy); GPU memory is freed."""
+    def host(v):
+        return ops.to_numpy(v) if hasattr(v, "shape") else v
+
+    moved = {f.name: host(getattr(qw, f.name)) for f in fields(qw) if f.name != "info"}
+    return replace(qw, **moved, info={k: host(v) for k, v in qw.info.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,8 +521,6 @@ class NumpyRunner:
     """
 
     def __init__(self, model: llama.LlamaModel, ops=None):
-        import backends
-
         self.model = model
         self.config = model.config
         self.ops = ops or backends.get_backend("numpy")
@@ -558,6 +569,4 @@ class NumpyRunner:
         layer[name] = np.asarray(value, dtype=np.float64)
 
     def saved_hooks(self, i):
-        aq = self.saved_act_quant.get(i, {})
-        ctx = LayerContext(index=i, layer=None, runner=self, config=None, inputs=None, act_quant=aq)
-        return ctx.hooks()
+        return act_quant_hooks(self.saved_act_quant.get(i, {}), self.ops)

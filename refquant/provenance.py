@@ -27,6 +27,26 @@ def git_commit() -> str:
         return os.environ.get("REFQUANT_GIT_COMMIT", "unknown")
 
 
+def portable_path(path: str | os.PathLike) -> str:
+    """A path as results record it: never a machine's absolute path.
+
+    Inside the checkout: relative to it (``golden/models/tiny-llama3``); inside the working directory:
+    relative to that; a relative path or a Hugging Face id: as given; any other absolute path: its last
+    component (``.../Meta-Llama-3-8B``). Strings that are not existing absolute paths pass unchanged.
+    """
+    text = str(path)
+    p = Path(text)
+    if not p.is_absolute():
+        return text
+    p = p.resolve()
+    for base in (ROOT, Path.cwd().resolve()):
+        try:
+            return p.relative_to(base).as_posix() or "."
+        except ValueError:
+            pass
+    return ".../" + p.name
+
+
 def package_versions() -> dict:
     out = {}
     for name in PACKAGES:
@@ -59,7 +79,7 @@ def provenance(device: str | None = None) -> dict:
         "platform": platform.platform(),
         "packages": package_versions(),
         "device": device_info(device),
-        "command": " ".join(sys.argv),
+        "command": " ".join([Path(sys.argv[0]).name] + [portable_path(a) for a in sys.argv[1:]]) if sys.argv else "",
         "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -4,7 +4,7 @@ Shared by the CLI (``refquant quantize``, ``refquant eval``, ``refquant main``) 
 backends run the same loop (:mod:`refquant.pipeline`):
 
 * ``numpy``: the NumPy reference LLaMA (float64) and the reference algorithms -- the spec;
-* ``torch``: a transformers ``LlamaForCausalLM`` on CPU or one GPU (``backends/torch_pipeline.py``).
+* ``torch``: a transformers ``LlamaForCausalLM`` on CPU or one GPU (``refquant/torch_pipeline.py``).
 
 Output directory of a quantization (every file written to a temporary name, then renamed):
 
@@ -18,6 +18,7 @@ Output directory of a quantization (every file written to a temporary name, then
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, llama, pipeline, safetensors_io
-from .perplexity import PerplexityResult, cross_entropy, perplexity
-from .provenance import ROOT, provenance, write_json_atomic
+from . import backends, data, pipeline
+from .spec import formats, llama, safetensors_io
+from .spec.perplexity import PerplexityResult, cross_entropy, perplexity
+from .provenance import ROOT, portable_path, provenance, write_json_atomic
 
 log = logging.getLogger("refquant")
 
@@ -85,7 +87,7 @@ class LoadedModel:
     def runner(self, batch_size: int = 8):
         if self.backend == "numpy":
             return pipeline.NumpyRunner(self.model)
-        from backends.torch_pipeline import HFRunner
+        from .torch_pipeline import HFRunner
 
         return HFRunner(self.model, device=self.device, batch_size=batch_size)
 
@@ -118,7 +120,7 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, backend: str = "auto", device
         return LoadedModel("numpy", llama.load(path), encoder_for(str(path)), str(path), "cpu", "float64", cfg, recipe)
     import torch
 
-    from backends.torch_pipeline import load_model
+    from .torch_pipeline import load_model
 
     torch_dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
@@ -153,12 +155,10 @@ class LayerStore:
         return self.dir / "run.json"
 
     def write(self, record: pipeline.LayerRecord, layer, runner) -> None:
-        tensors = {}
-        for name, qw in record.quantized.items():
-            tensors[f"{name}.codes"] = self.ops.to_numpy(qw.codes)
-            tensors[f"{name}.scale"] = self.ops.to_numpy(qw.scale)
-            tensors[f"{name}.zero"] = self.ops.to_numpy(qw.zero)
-            tensors[f"{name}.g_idx"] = self.ops.to_numpy(qw.g_idx)
+        tensors, weight_formats = {}, {}
+        for name, qw in record.quantized.items():  # the weight formats' one serializer
+            parts, weight_formats[name] = qw.to_tensors()
+            tensors.update({f"{name}.{k}": v for k, v in parts.items()})
         for name in llama.NORMS:
             tensors[name] = self.ops.to_numpy(runner.get(layer, name))
         for name in llama.LINEARS:
@@ -169,7 +169,7 @@ class LayerStore:
                 tensors[name] = self.ops.to_numpy(runner.get(layer, name))
         meta = {"index": record.index, "seconds": record.seconds, "info": record.info,
                 "act_quant": act_quant_to_json({record.index: record.act_quant}).get(str(record.index), {}),
-                "specs": {n: qw.spec.__dict__ for n, qw in record.quantized.items()}}
+                "formats": weight_formats}
         self.dir.mkdir(parents=True, exist_ok=True)
         safetensors_io.write(self.dir / f"layer_{record.index:03d}.safetensors", tensors)
         write_json_atomic(self.dir / f"layer_{record.index:03d}.json", meta)
@@ -182,19 +182,19 @@ class LayerStore:
 
     def replay(self, i: int, layer, runner) -> None:
         """Load layer i's saved quantized state into ``layer`` (dequantized exactly as in the run)."""
-        from .quantizer import QuantizedWeight, QuantSpec
-
         t = safetensors_io.read(self.dir / f"layer_{i:03d}.safetensors")
         meta = json.loads((self.dir / f"layer_{i:03d}.json").read_text())
         for name in llama.NORMS:
             runner.set(layer, name, runner.ops.like(t[name], runner.get(layer, name)))
         for name in llama.LINEARS:
-            if f"{name}.codes" in t:
+            if name in meta["formats"]:
                 ref = runner.get(layer, name)
-                qw = QuantizedWeight(codes=_like_int(runner, t[f"{name}.codes"], ref), scale=runner.ops.like(t[f"{name}.scale"], ref),
-                                     zero=runner.ops.like(t[f"{name}.zero"], ref), g_idx=_like_int(runner, t[f"{name}.g_idx"], ref),
-                                     spec=QuantSpec(**meta["specs"][name]))
-                runner.set(layer, name, qw.dequantize())
+                prefix = name + "."
+                fmt = formats.from_tensors({k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)},
+                                           meta["formats"][name])
+                on_device = {f.name: _like_int(runner, getattr(fmt, f.name), ref) for f in dataclasses.fields(fmt)
+                             if isinstance(getattr(fmt, f.name), np.ndarray)}  # dtypes kept: dequantized as in the run
+                runner.set(layer, name, dataclasses.replace(fmt, **on_device).dequantize())
             elif name in t:
                 runner.set(layer, name, runner.ops.like(t[name], runner.get(layer, name)))
             if f"{name}.bias" in t:
@@ -206,6 +206,7 @@ class LayerStore:
 
 
 def _like_int(runner, a, ref):
+    """``a`` as an array of the runner's backend on ``ref``'s device, with ``a``'s dtype."""
     if runner.ops.name == "numpy":
         return np.asarray(a)
     import torch
@@ -221,7 +222,7 @@ def quantize(loaded: LoadedModel, config: pipeline.QuantConfig, calib_ids: np.nd
     start, on_layer, replay = 0, None, None
     if out_dir is not None:
         store = LayerStore(Path(out_dir), runner.ops)
-        signature = {"config": config.to_dict(), "model": loaded.source, "backend": loaded.backend,
+        signature = {"config": config.to_dict(), "model": portable_path(loaded.source), "backend": loaded.backend,
                      "dtype": loaded.dtype, "calibration": run_info or {}}
         if store.run_file().exists():
             previous = json.loads(store.run_file().read_text())
@@ -271,18 +272,11 @@ def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, recipe: dict) ->
 
 
 def window_loss_numpy(model: llama.LlamaModel, act_quant: dict):
-    ops = None
-    if act_quant:
-        import backends
-
-        ops = backends.get_backend("numpy")
+    ops = backends.get_backend("numpy")
 
     def hooks(i):
         aq = act_quant.get(i)
-        if not aq:
-            return llama.NO_HOOKS
-        return pipeline.LayerContext(index=i, layer=None, runner=type("R", (), {"ops": ops})(), config=None,
-                                     inputs=None, act_quant=aq).hooks()
+        return pipeline.act_quant_hooks(aq, ops) if aq else llama.NO_HOOKS
 
     return lambda w: cross_entropy(llama.forward(model, w[None], hooks)[0][:-1], w[1:])
 
@@ -305,7 +299,7 @@ def evaluate_ppl(loaded: LoadedModel, datasets: list[str], seqlen: int = 2048, d
             res: PerplexityResult = perplexity(window_loss_numpy(loaded.model, loaded.act_quant), tokens, seqlen,
                                                max_windows=max_windows, desc=f"ppl {name}")
         else:
-            from backends.torch_pipeline import perplexity as torch_ppl
+            from .torch_pipeline import perplexity as torch_ppl
 
             res = torch_ppl(loaded.model, tokens, seqlen, device=loaded.device, batch_size=batch_size,
                             max_windows=max_windows, stream=stream, act_quant=loaded.act_quant, desc=f"ppl {name}")
@@ -319,7 +313,7 @@ def results_record(loaded: LoadedModel, config: pipeline.QuantConfig | None, res
                    calib_info: dict | None, ppl: dict | None, timings: dict) -> dict:
     return {
         "provenance": provenance(loaded.device),
-        "model": loaded.source,
+        "model": portable_path(loaded.source),
         "backend": loaded.backend,
         "dtype": loaded.dtype,
         "config": config.to_dict() if config else None,

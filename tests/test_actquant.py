@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refquant.actquant import (
+from refquant.spec.actquant import (
     activation_absmax,
     quantize_activation,
     static_scale_from_absmax,

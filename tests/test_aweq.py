@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refquant.aweq import (
+from refquant.spec.aweq import (
     ABLATIONS,
     AWE_ONLY,
     BC_ONLY,
@@ -23,7 +23,7 @@ from refquant.aweq import (
     weight_range,
     weight_spec,
 )
-from refquant.equalize import fold_into_norm
+from refquant.spec.equalize import fold_into_norm
 
 SETTINGS = settings(max_examples=40, deadline=None)
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refquant.awq import (
+from refquant.spec.awq import (
     CLIP_ERR_INIT,
     activation_mean,
     apply_clip,
@@ -15,8 +15,8 @@ from refquant.awq import (
     search_scale,
     weight_mean,
 )
-from refquant.quantizer import QuantSpec, group_slices
-from refquant.rtn import rtn
+from refquant.spec.quantizer import QuantSpec, group_slices
+from refquant.spec.rtn import rtn
 
 SETTINGS = settings(max_examples=30, deadline=None)
 SPEC = QuantSpec(bits=3, group_size=16, rule="awq")

@@ -16,6 +16,7 @@ Parity rules (docs/backends.md):
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import subprocess
@@ -28,13 +29,19 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import refquant as rq  # noqa: E402
-import backends  # noqa: E402
-from backends import get_backend  # noqa: E402
-from backends import gptq_kernels as GK  # noqa: E402
-from backends import torch_backend as TB  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # for tools.bench_gptq
+    sys.path.insert(0, str(ROOT))
+
+import refquant as rq  # noqa: E402
+from refquant import backends  # noqa: E402
+from refquant.backends import get_backend  # noqa: E402
+from refquant.backends import gptq_kernels as GK  # noqa: E402
+from refquant.backends import torch_backend as TB  # noqa: E402
+from refquant.backends.protocols import PROTOCOLS, AWQOps, EqualizationOps, GPTQOps, PipelineOps, QuantOps  # noqa: E402
+from refquant.spec.stats import ChannelStats  # noqa: E402
+from tools.bench_gptq import benchmark_gptq  # noqa: E402
+
 EPS32 = 2.0 ** -24  # unit roundoff of float32
 CODES_MIN = 0.999   # GPTQ rule: identical codes
 LOSS_REL = 0.005    # GPTQ rule: proxy loss
@@ -156,19 +163,105 @@ def test_cupy_missing_is_clear():
         assert get_backend("cupy").name == "cupy"
 
 
-def test_register_extends_backend():
-    cls = type(TB_)
+# The op names of every family: the application calls exactly these (a renamed or dropped op fails here).
+EQUALIZATION_OPS = {"smooth_scales", "equalization_scales", "bias_correction", "scale_weight", "fold_into_norm",
+                    "fold_into_linear"}
+FAMILY_OPS = {
+    QuantOps: {"asarray", "rtn", "to_numpy", "like"},
+    GPTQOps: {"hessian", "hessian_accumulator", "gptq", "gptq_shared"},
+    PipelineOps: {"channel_stats", "quantize_activation", "static_act_scale"},
+    EqualizationOps: EQUALIZATION_OPS,
+    AWQOps: EQUALIZATION_OPS | {"awq_linear_stats", "awq_search_scale", "awq_search_scale_stats", "awq_search_clip",
+                                "apply_clip"},
+}
+FAMILIES = {"numpy": PROTOCOLS, "torch": PROTOCOLS, "cupy": (QuantOps, GPTQOps)}
 
-    @cls.register("_test_ext_method")
-    def _m(self, x):
-        return x + 1
 
-    try:
-        assert TB_._test_ext_method(1) == 2
-        with pytest.raises(ValueError, match="already has"):
-            cls.register("_test_ext_method")(lambda self: None)
-    finally:
-        delattr(cls, "_test_ext_method")
+def protocol_ops(proto) -> set[str]:
+    return {a for a in dir(proto) if not a.startswith("_") and callable(getattr(proto, a))}
+
+
+def assert_implements(be, proto):
+    """``be`` is a ``proto`` and each op takes the protocol's parameters (names, kinds, order, defaults);
+    extra parameters must have defaults."""
+    assert isinstance(be, proto), (be, proto.__name__)
+    for op in protocol_ops(proto):
+        want = list(inspect.signature(getattr(proto, op)).parameters.values())[1:]  # without self
+        got = inspect.signature(getattr(be, op)).parameters  # bound method / staticmethod: no self
+        where = f"{be.name}.{op}"
+        pos = [p.name for p in got.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+        assert pos[:sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in want)] == [
+            p.name for p in want if p.kind is p.POSITIONAL_OR_KEYWORD], where
+        for p in want:
+            assert p.name in got and got[p.name].kind is p.kind, (where, p.name)
+            if p.default is not p.empty:
+                assert got[p.name].default == p.default, (where, p.name, got[p.name].default, p.default)
+        extra = [q for q in got.values() if q.name not in {p.name for p in want}]
+        assert all(q.default is not q.empty for q in extra), (where, extra)
+
+
+def test_protocols_name_the_ops():
+    assert {p: protocol_ops(p) for p in PROTOCOLS} == FAMILY_OPS
+    assert issubclass(AWQOps, EqualizationOps)
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch"])
+def test_backends_implement_their_protocols(name):
+    be = get_backend(name)
+    for proto in FAMILIES[name]:
+        assert_implements(be, proto)
+    assert be.families == tuple(p.__name__ for p in FAMILIES[name])
+
+
+def test_protocol_checks_can_fail():
+    """A backend without one op of a family is not that family (what the application's refusal relies on)."""
+    class NoClip(type(TB_)):
+        apply_clip = None
+
+    class NoGptqShared(type(get_backend("numpy"))):
+        gptq_shared = None
+
+    assert not isinstance(NoClip(), AWQOps) and isinstance(NoClip(), EqualizationOps)
+    assert NoClip().families == ("QuantOps", "GPTQOps", "PipelineOps", "EqualizationOps")
+    assert not isinstance(NoGptqShared(), GPTQOps) and isinstance(NoGptqShared(), QuantOps)
+    assert not any(isinstance(object(), p) for p in PROTOCOLS)
+
+    class WrongDefault:
+        name = "fake"
+
+        def hessian(self, X): ...
+        def hessian_accumulator(self, in_features, device=None): ...
+        def gptq(self, W, H, spec, blocksize=64, percdamp=0.01, act_order=False, static_groups=False, *,
+                 max_percdamp=None, percdamp_step=0.01): ...
+        def gptq_shared(self, Ws, H, spec, blocksize=128, percdamp=0.01, act_order=False, static_groups=False, *,
+                        max_percdamp=None, percdamp_step=0.01): ...
+
+    with pytest.raises(AssertionError, match="blocksize"):
+        assert_implements(WrongDefault(), GPTQOps)
+
+
+def test_numpy_pipeline_ops_are_the_reference():
+    nb = get_backend("numpy")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 7, 16)) * np.exp(rng.uniform(-2, 2, 16))
+    for mode in rq.actquant.MODES:
+        np.testing.assert_array_equal(nb.quantize_activation(x, 8, mode),
+                                      rq.actquant.quantize_activation(x, 8, mode))
+    np.testing.assert_array_equal(nb.quantize_activation(x, 8, "per_tensor", 0.01),
+                                  rq.actquant.quantize_activation(x, 8, "per_tensor", 0.01))
+    st = nb.channel_stats(("H", "absmax", "mean_abs"), 16)
+    ref = ChannelStats(("H", "absmax", "mean_abs"), 16)
+    assert type(st) is type(ref)
+    for j in range(2):
+        st.add(x[j:j + 1])
+        ref.add(x[j:j + 1])
+    np.testing.assert_array_equal(st.H, ref.H)
+    np.testing.assert_array_equal(st.mean_abs, ref.mean_abs)
+    assert nb.static_act_scale(torch.from_numpy(st.absmax), 8) == rq.actquant.static_scale_from_absmax(
+        float(ref.absmax.max()), 8)
+    qw = nb.rtn(torch.from_numpy(x[0].T.copy()), rq.QuantSpec(4, 4))
+    np.testing.assert_array_equal(qw.codes, rq.rtn(x[0].T.copy(), rq.QuantSpec(4, 4)).codes)
+    np.testing.assert_array_equal(nb.hessian(x), rq.hessian(x))
 
 
 def test_numpy_backend_is_the_reference():
@@ -365,7 +458,7 @@ def test_gptq_shared_equals_separate():
 
 def test_u_identity_matches_original_route():
     """U = P inv(chol(P H P)) P is the upper Cholesky factor of H^-1, as accurate in fp32 as the original route."""
-    from refquant.gptq import upper_cholesky_of_inverse as ref_U
+    from refquant.spec.gptq import upper_cholesky_of_inverse as ref_U
 
     for cols, rank in [(256, 300), (384, 48)]:
         H = make_H(cols, seed=cols, rank=rank)
@@ -437,7 +530,7 @@ def test_no_global_state_change():
     TB_.hessian(W.t())
     TB_.gptq(W, H, rq.QuantSpec(4, 32), act_order=True)
     TB_.gptq_shared([W, W], H, rq.QuantSpec(4))
-    assert TB.benchmark_gptq(4, 128, 32, "cpu", repeats=1) > 0
+    assert benchmark_gptq(4, 128, 32, "cpu", repeats=1) > 0
     assert _global_state() == before
     assert torch.equal(torch.get_rng_state(), rng)
     assert np.array_equal(np.random.get_state()[1], np_rng)
@@ -447,7 +540,7 @@ def test_no_global_state_change():
 
 _GUARD_SCRIPT = r"""
 import json, torch
-from backends.torch_backend import ieee_fp32, TorchBackend
+from refquant.backends.torch_backend import ieee_fp32, TorchBackend
 import refquant as rq
 cm, mk = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
 def read(f):
@@ -505,8 +598,8 @@ _INTERP_SCRIPT = r"""
 import os
 os.environ["TRITON_INTERPRET"] = "1"
 import json, torch, numpy as np
-from backends import gptq_kernels as GK
-from backends.torch_backend import TorchBackend
+from refquant.backends import gptq_kernels as GK
+from refquant.backends.torch_backend import TorchBackend
 import refquant as rq
 assert GK.interpreting() and GK.triton_usable(torch.device("cpu"))
 GK.CONFIG["block_r"] = 8
@@ -605,9 +698,9 @@ def test_kernel_dispatch_without_triton_device():
 
 
 def test_benchmark_cpu_smoke():
-    t = TB.benchmark_gptq(8, 256, 128, "cpu", repeats=1)
+    t = benchmark_gptq(8, 256, 128, "cpu", repeats=1)
     assert isinstance(t, float) and t > 0
-    d = TB.benchmark_gptq(8, 256, 64, "cpu", repeats=1, act_order=True, detail=True)
+    d = benchmark_gptq(8, 256, 64, "cpu", repeats=1, act_order=True, detail=True)
     assert set(d) == {"total", "factor", "blocks"} and all(v > 0 for v in d.values())
 
 
@@ -699,7 +792,7 @@ def test_gpu_hessian_bf16_and_fp32():
 def test_gpu_division_by_a_number_is_the_ieee_quotient():
     """Quantizer scales ``range / maxq`` on CUDA are NumPy's bit for bit (torch's own ``tensor / scalar``
     multiplies by a rounded reciprocal there, which flips exact zero-point ties)."""
-    from backends.torch_backend import div_exact
+    from refquant.backends.torch_backend import div_exact
 
     x = np.random.default_rng(0).uniform(1e-3, 10, size=100_000)
     for c in (3, 7, 15, 127, 255):
@@ -727,9 +820,9 @@ def test_gpu_no_global_state_change_with_tf32_requested():
 @gpu
 @needs_cuda
 def test_gpu_benchmark():
-    t = TB.benchmark_gptq(4096, 4096, 128, "cuda", repeats=1)
+    t = benchmark_gptq(4096, 4096, 128, "cuda", repeats=1)
     assert 0 < t < 60
-    d = TB.benchmark_gptq(14336, 4096, 128, "cuda", repeats=1, detail=True)
+    d = benchmark_gptq(14336, 4096, 128, "cuda", repeats=1, detail=True)
     assert all(0 < v < 60 for v in d.values())
 
 
@@ -738,6 +831,12 @@ def test_gpu_benchmark():
 def test_gpu_cupy_backend_is_the_reference():
     cupy = pytest.importorskip("cupy")
     cb = get_backend("cupy")
+    for proto in FAMILIES["cupy"]:
+        assert_implements(cb, proto)
+    assert cb.families == ("QuantOps", "GPTQOps") and not isinstance(cb, PipelineOps)
+    v = cb.like(np.arange(3.0), cupy.zeros(1))
+    assert isinstance(v, cupy.ndarray) and v.dtype == cupy.float64
+    np.testing.assert_array_equal(cb.to_numpy(v), np.arange(3.0))
     W = make_W(5, 4096, seed=1, zero_row=True)
     for spec in RTN_SPECS:
         a, b = cb.rtn(W, spec), rq.rtn(W, spec)

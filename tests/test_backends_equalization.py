@@ -14,9 +14,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import backends  # noqa: E402
+from refquant import backends  # noqa: E402
+from refquant.backends.protocols import AWQOps, EqualizationOps  # noqa: E402
 from refquant import QuantSpec, aweq, awq, equalize, golden, smoothquant  # noqa: E402
-from refquant.stats import ChannelStats  # noqa: E402
+from refquant.spec.stats import ChannelStats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NP = backends.get_backend("numpy")
@@ -56,14 +57,21 @@ def host(a):
 # registration and the numpy backend (= the reference)
 
 
-def test_ops_are_registered_on_both_backends():
-    from backends import equalization_ops
+def test_both_backends_have_the_equalization_and_awq_families():
+    from refquant.backends import equalization_ops as E
 
-    for be in (NP, TB):
-        for op in equalization_ops.OPS:
-            assert callable(getattr(be, op)), (be, op)
+    for be, eq, aw in ((NP, E.NumpyEqualizationOps, E.NumpyAWQOps), (TB, E.TorchEqualizationOps, E.TorchAWQOps)):
+        assert isinstance(be, EqualizationOps) and isinstance(be, AWQOps), be
+        assert isinstance(be, eq) and isinstance(be, aw)  # composed from this module's mixins
+        for op in ("smooth_scales", "equalization_scales", "bias_correction", "scale_weight", "fold_into_norm",
+                   "fold_into_linear"):
+            assert getattr(type(be), op) is getattr(eq, op), (be, op)
+        for op in ("awq_linear_stats", "awq_search_scale", "awq_search_scale_stats", "awq_search_clip", "apply_clip"):
+            assert getattr(type(be), op) is getattr(aw, op), (be, op)
     assert NP.awq_linear_stats() == ("inputs",)
     assert set(TB.awq_linear_stats()) == {"H", "mean_abs"}
+    # the equalization mixin alone is no AWQ backend
+    assert not isinstance(E.TorchEqualizationOps(), AWQOps) and isinstance(E.TorchEqualizationOps(), EqualizationOps)
 
 
 def test_numpy_ops_are_the_reference():
@@ -164,19 +172,24 @@ def test_torch_ops_match_the_reference_cpu():
     run_ops_parity("cpu")
 
 
+def equalization_case_grid():
+    """(suite, shape, name, params, slow) of the SmoothQuant, AWQ and AWEQ golden suites."""
+    return [(m, *c) for m in ("smoothquant", "awq", "aweq") for c in golden.SUITES[m].cases()]
+
+
 def in_memory_golden_reports(device="cpu", everything=False):
     """SmoothQuant / AWQ / AWEQ cases of tools/make_golden.py, generated here, run on the torch backend."""
     inputs = {shape: MG.make_inputs(shape) for shape in ("llama4096", "odd1000", "nasty256")}
     reports = []
-    for method, shape, name, params, _ in MG.equalization_case_grid():
+    for method, shape, name, params, _ in equalization_case_grid():
         if not everything and shape == "llama4096" and method == "awq" and params["clip_n_sample_tokens"] == 512:
             continue  # 4096-wide Grams cost seconds on a CPU: the strided-sample case covers that shape by default
         case = golden.GoldenCase(name=f"{method}/{name}", method=method, file="", sha256="", params=params,
-                                 rule=MG.rule_for(method, params))
+                                 rule=golden.SUITES[method].rule(params))
         arrays = inputs[shape]
         expected = dict(arrays, **golden.run_case(case, arrays))
         got = golden.run_case(case, arrays, TB, to_device=lambda a: torch.as_tensor(a).to(device), to_numpy=TB.to_numpy)
-        reports.append(golden.compare_backend(case, arrays, expected, got, MG.PARITY_RULES))
+        reports.append(golden.compare_backend(case, arrays, expected, got, MG.parity_rules()))
     return reports
 
 
@@ -190,27 +203,27 @@ def test_golden_cases_built_in_memory_meet_the_parity_rules():
 def test_all_golden_cases_built_in_memory_meet_the_parity_rules():
     reports = in_memory_golden_reports(everything=True)
     bad = [r for r in reports if not r["ok"]]
-    assert len(reports) == len(list(MG.equalization_case_grid())) and not bad, bad
+    assert len(reports) == len(list(equalization_case_grid())) and not bad, bad
 
 
 def test_a_broken_backend_fails_the_parity_rules():
     """The comparison can fail: scales off by one ulp, a wrong bias, a clip choice off by one step."""
     inputs = MG.make_inputs("nasty256")
-    cases = {m: next(c for c in MG.equalization_case_grid() if c[0] == m and c[1] == "nasty256")
+    cases = {m: next(c for c in equalization_case_grid() if c[0] == m and c[1] == "nasty256")
              for m in ("smoothquant", "awq", "aweq")}
     for method, (_, _, name, params, _) in cases.items():
         case = golden.GoldenCase(name=name, method=method, file="", sha256="", params=params,
-                                 rule=MG.rule_for(method, params))
+                                 rule=golden.SUITES[method].rule(params))
         expected = dict(inputs, **golden.run_case(case, inputs))
         got = {k: np.array(v, copy=True) for k, v in expected.items()}
-        assert golden.compare_backend(case, inputs, expected, got, MG.PARITY_RULES)["ok"]
+        assert golden.compare_backend(case, inputs, expected, got, MG.parity_rules())["ok"]
         if method == "awq":
             got["losses"][3] *= 1.01
         elif method == "aweq":
             got["bias"][0] += 1e-3 * abs(expected["bias"]).max()
         else:
             got["s"] = np.nextafter(got["s"], np.inf)
-        assert not golden.compare_backend(case, inputs, expected, got, MG.PARITY_RULES)["ok"], method
+        assert not golden.compare_backend(case, inputs, expected, got, MG.parity_rules())["ok"], method
 
 
 def test_stored_golden_cases_pass_on_torch_cpu():
@@ -306,11 +319,11 @@ def test_gpu_golden_cases_meet_the_parity_rules():
                                        ("awq", dict(wbits=4)), ("aweq", dict(wbits=8, abits=8, act_mode="per_tensor"))])
 def test_gpu_pipeline_on_a_bf16_model_matches_the_cpu_float32_run(method, kw):
     """The pipeline on CUDA in bf16 (the real-model setting) quantizes like the float32 CPU run."""
-    from backends import torch_pipeline as tp
+    from refquant import torch_pipeline as tp
     from refquant import llama, pipeline, runs
 
     ids = np.random.default_rng(0).integers(0, 4096, size=(4, 256))
-    cfg = pipeline.QuantConfig(method=method, **kw)
+    cfg = pipeline.QuantConfig.of(method=method, **kw)
     cpu = tp.load_model(str(runs.DEFAULT_MODEL), dtype=torch.float32)
     res_cpu = pipeline.quantize_model(tp.HFRunner(cpu, batch_size=2), cfg, ids)
     gpu_model = tp.load_model(str(runs.DEFAULT_MODEL), dtype=torch.bfloat16)

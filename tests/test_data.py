@@ -117,7 +117,7 @@ def test_wikitext2_test_rows_match_hf(shared):
     rows, info = load_rows("wikitext2", "test", shared)
     assert len(rows) == 4358
     assert sum(1 for r in rows if r) == 2891
-    assert info == {"dataset": "wikitext2", "split": "test", "source": str(path), "variant": "wikitext-2-raw-v1",
+    assert info == {"dataset": "wikitext2", "split": "test", "source": "wikitext2/wiki.test.raw", "variant": "wikitext-2-raw-v1",
                     "n_rows": 4358}
     # HF rows keep the newline; blank lines (" \n" in the file) are "".
     assert rows[0] == "" and rows[1] == " = Robert Boulter = \n"
@@ -141,12 +141,12 @@ def test_wikitext2_train_standin_is_labelled(shared):
     path = need(shared, "wikitext2-tokenized/wiki.train.tokens")
     rows, info = load_rows("wikitext2", "train", shared)
     assert len(rows) == 36718
-    assert info["source"] == str(path)
+    assert info["source"] == "wikitext2-tokenized/wiki.train.tokens" and path.is_file()
     assert info["variant"] == data.WIKITEXT2_TRAIN_STANDIN
     assert "stand-in" in info["variant"] and "<unk>" in info["variant"]
     assert "wiki.train.raw" in info["caveat"]
     _, cinfo = get_calibration("wikitext2", toy_encode, nsamples=1, seqlen=16, data_dir=shared)
-    assert cinfo["data_variant"] == data.WIKITEXT2_TRAIN_STANDIN and cinfo["source"] == str(path)
+    assert cinfo["data_variant"] == data.WIKITEXT2_TRAIN_STANDIN and cinfo["source"] == "wikitext2-tokenized/wiki.train.tokens"
 
 
 def test_wikitext2_train_prefers_raw(tmp_path):
@@ -157,7 +157,7 @@ def test_wikitext2_train_prefers_raw(tmp_path):
     rows, info = load_rows("wikitext2", "train", tmp_path)
     assert rows == ["", " = A = \n", "", " b c \n"]
     assert info["variant"] == "wikitext-2-raw-v1" and "caveat" not in info
-    assert info["source"] == str(tmp_path / "wikitext2" / "wiki.train.raw")
+    assert info["source"] == "wikitext2/wiki.train.raw"  # relative to the data directory
 
 
 def test_ptb_rows_are_stripped(shared):
@@ -165,7 +165,7 @@ def test_ptb_rows_are_stripped(shared):
         fname = {"train": "train", "validation": "valid", "test": "test"}[split]
         path = need(shared, f"ptb/ptb.{fname}.txt")
         rows, info = load_rows("ptb", split, shared)
-        assert len(rows) == n and info["n_rows"] == n and info["source"] == str(path)
+        assert len(rows) == n and info["n_rows"] == n and info["source"] == f"ptb/ptb.{fname}.txt"
         assert rows == [line.strip() for line in raw_lines(path)]
     assert rows[0] == "no it was n't black monday"
 
@@ -357,7 +357,7 @@ def test_wikitext2_eval_stream(shared):
     np.testing.assert_array_equal(tokens, toy_array("\n\n".join(rows)))
     assert tokens[0] == BOS and (tokens[1:] != BOS).all()  # one BOS for the whole joined text
     assert info["variant"] == "gptq" and info["split"] == "test" and info["n_tokens"] == len(tokens)
-    assert info["source"] == str(path)
+    assert info["source"] == "wikitext2/wiki.test.raw"
 
 
 def test_ptb_eval_streams(shared):

@@ -1,6 +1,6 @@
 """SmoothQuant, AWQ and AWEQ in the layer-wise pipeline (issue 5).
 
-* registration: ``QuantConfig(method=...)`` and the CLI see the three methods however refquant is imported;
+* registration: ``QuantConfig.of(method=...)`` and the CLI see the three methods however refquant is imported;
 * each method's layer equals the matrix-level reference chain recomputed by hand from the FP model
   (statistics of the FP layer, the LLaMA sites / scaling groups, clip search inputs ``X / s``, RTN);
 * with quantization switched off, every method's transformed layer computes the FP layer (all folds,
@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ import pytest
 
 import refquant as rq
 from refquant import actquant, aweq, awq, llama, pipeline, runs, smoothquant
+from refquant.backends.numpy_backend import NumpyBackend
 from refquant.pipeline import DOWN, GATE, K, O, Q, UP, V
 from pipeline_helpers import crash_then_resume, layer_inputs, quantize_run
 
@@ -93,30 +95,23 @@ def random_llama(tmp_path, heads=4, kv_heads=4, hidden=128, inter=256, layers=1,
     return llama.load(tmp_path)
 
 
+@dataclass(frozen=True)
 class _ExactRTN:
     """A stand-in quantizer that returns the weight unchanged (to test the folds alone)."""
 
-    def __init__(self, W, spec):
-        self.W, self.spec, self.info = W, spec, {}
-        self.codes = self.scale = self.zero = self.g_idx = np.zeros(1)
+    W: np.ndarray
+    spec: object
+    info: dict = field(default_factory=dict)
 
     def dequantize(self):
         return self.W
 
 
-class _NoQuantOps:
+class _NoQuantOps(NumpyBackend):
     """The numpy backend with ``rtn`` replaced by :class:`_ExactRTN`."""
-
-    def __init__(self):
-        import backends
-
-        self._be = backends.get_backend("numpy")
 
     def rtn(self, W, spec):
         return _ExactRTN(np.asarray(W, dtype=np.float64), spec)
-
-    def __getattr__(self, name):
-        return getattr(self._be, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,15 +119,15 @@ class _NoQuantOps:
 
 
 def test_methods_are_registered_however_refquant_is_imported():
-    code = ("import sys; from refquant import pipeline; c = pipeline.QuantConfig(method='{m}'); "
-            "assert 'refquant.{mod}' in sys.modules; print(sorted(pipeline.METHODS))")
+    code = ("import sys; from refquant import pipeline; c = pipeline.QuantConfig.of(method='{m}'); "
+            "assert 'refquant.methods.{mod}' in sys.modules; print(sorted(pipeline.METHODS))")
     for m, mod in (("smoothquant", "smoothquant"), ("awq", "awq"), ("aweq", "aweq")):
         out = subprocess.run([sys.executable, "-c", code.format(m=m, mod=mod)], cwd=ROOT, capture_output=True, text=True,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert out.returncode == 0, out.stderr
         assert "'aweq', 'awq', 'gptq', 'rtn', 'smoothquant'" in out.stdout
     # importing a method module first (before pipeline) works too, and the CLI offers all methods
-    code = ("import refquant.awq, refquant.aweq, refquant.smoothquant; from refquant import cli; "
+    code = ("import refquant.spec.awq, refquant.spec.aweq, refquant.spec.smoothquant; from refquant import cli; "
             "p = cli.build_parser(); a = p.parse_args(['quantize', '--method', 'aweq', '--out', 'x']); print(a.method)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -140,16 +135,16 @@ def test_methods_are_registered_however_refquant_is_imported():
 
 
 def test_weight_specs_and_config_errors():
-    sq = pipeline.QuantConfig(method="smoothquant", wbits=8, abits=8)
+    sq = pipeline.QuantConfig.of(method="smoothquant", wbits=8, abits=8)
     assert sq.weight_spec() == rq.QuantSpec(bits=8, rule="absmax")  # per output channel; group_size does not apply
-    assert pipeline.QuantConfig(method="awq", wbits=3).weight_spec() == rq.QuantSpec(bits=3, group_size=128, rule="awq")
-    assert pipeline.QuantConfig(method="aweq", wbits=4).weight_spec() == aweq.weight_spec(4)
-    assert pipeline.QuantConfig(method="aweq", wbits=4, aweq_per_tensor=False).weight_spec() == \
+    assert pipeline.QuantConfig.of(method="awq", wbits=3).weight_spec() == rq.QuantSpec(bits=3, group_size=128, rule="awq")
+    assert pipeline.QuantConfig.of(method="aweq", wbits=4).weight_spec() == aweq.weight_spec(4)
+    assert pipeline.QuantConfig.of(method="aweq", wbits=4, group_quant=True).weight_spec() == \
         rq.QuantSpec(bits=4, group_size=128)
     with pytest.raises(ValueError, match="asymmetric only"):
-        pipeline.QuantConfig(method="awq", sym=True)
+        pipeline.QuantConfig.of(method="awq", sym=True)
     with pytest.raises(ValueError, match="weight-only"):
-        pipeline.QuantConfig(method="awq", abits=8)
+        pipeline.QuantConfig.of(method="awq", abits=8)
     for m in ("smoothquant", "awq", "aweq"):
         assert pipeline.METHODS[m].propagate == "fp"
         assert pipeline.METHODS[m].needs_calibration
@@ -161,7 +156,7 @@ def test_weight_specs_and_config_errors():
 
 def test_smoothquant_layers_are_the_reference_chain():
     ids = calib()
-    cfg = pipeline.QuantConfig(method="smoothquant", wbits=8, abits=8, quantize_bmm_input=True)
+    cfg = pipeline.QuantConfig.of(method="smoothquant", wbits=8, abits=8, quantize_bmm_input=True)
     fp = llama.load(TINY)
     q, res = run_numpy(cfg, ids)
     spec = rq.QuantSpec(bits=8, rule="absmax")
@@ -187,7 +182,7 @@ def test_smoothquant_layers_are_the_reference_chain():
 
 def test_smoothquant_static_per_tensor_scales_are_of_the_smoothed_inputs():
     ids = calib()
-    cfg = pipeline.QuantConfig(method="smoothquant", wbits=8, abits=8, act_mode="per_tensor_static")
+    cfg = pipeline.QuantConfig.of(method="smoothquant", wbits=8, abits=8, act_mode="per_tensor_static")
     fp = llama.load(TINY)
     q, res = run_numpy(cfg, ids)
     X = site_inputs(fp.layers[0], fp.config, layer_inputs(fp, ids, 0))
@@ -203,7 +198,7 @@ def test_smoothquant_static_per_tensor_scales_are_of_the_smoothed_inputs():
 
 def test_awq_layer_is_the_reference_chain():
     ids = calib(2, 24)
-    cfg = pipeline.QuantConfig(method="awq", wbits=3, group_size=128)
+    cfg = pipeline.QuantConfig.of(method="awq", wbits=3, group_size=128)
     spec = cfg.weight_spec()
     fp = llama.load(TINY)
     q, res = run_numpy(cfg, ids)
@@ -251,9 +246,9 @@ def test_awq_layer_is_the_reference_chain():
 def test_awq_search_budget_replays_the_first_sequences_in_the_block_searches():
     """``awq_search_samples=k``: attention / MLP searches see ``X[:k]``; single linears keep all tokens."""
     ids = calib(3, 24)
-    spec = pipeline.QuantConfig(method="awq", wbits=3, group_size=128).weight_spec()
+    spec = pipeline.QuantConfig.of(method="awq", wbits=3, group_size=128).weight_spec()
     fp = llama.load(TINY)
-    _, res = run_numpy(pipeline.QuantConfig(method="awq", wbits=3, group_size=128, awq_search_samples=1), ids)
+    _, res = run_numpy(pipeline.QuantConfig.of(method="awq", wbits=3, group_size=128, awq_search_samples=1), ids)
     lay, conf = fp.layers[0], fp.config
     Xin = layer_inputs(fp, ids, 0)
     X = site_inputs(lay, conf, Xin)
@@ -267,21 +262,21 @@ def test_awq_search_budget_replays_the_first_sequences_in_the_block_searches():
     assert info["search_sequences"] == 1
     for g, r in (("attn_in", s_attn), ("mlp_in", s_mlp), ("down_in", s_down)):
         np.testing.assert_allclose(info["groups"][g]["losses"], r.losses, rtol=1e-12)
-    _, full = run_numpy(pipeline.QuantConfig(method="awq", wbits=3, group_size=128, awq_search_samples=3), ids)
-    _, default = run_numpy(pipeline.QuantConfig(method="awq", wbits=3, group_size=128), ids)
+    _, full = run_numpy(pipeline.QuantConfig.of(method="awq", wbits=3, group_size=128, awq_search_samples=3), ids)
+    _, default = run_numpy(pipeline.QuantConfig.of(method="awq", wbits=3, group_size=128), ids)
     assert "search_sequences" not in full.layers[0].info["awq"]
     assert full.layers[0].info["awq"]["groups"] == default.layers[0].info["awq"]["groups"]
     assert info["groups"]["mlp_in"]["losses"] != default.layers[0].info["awq"]["groups"]["mlp_in"]["losses"]
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="awq_search_samples"):
-            pipeline.QuantConfig(method="awq", awq_search_samples=bad)
+            pipeline.QuantConfig.of(method="awq", awq_search_samples=bad)
 
 
 def test_awq_multi_head_model_scales_v_into_o(tmp_path):
     """``v_proj -> o_proj`` is searched and folded only when the shapes match (no GQA), as the original."""
     mha = random_llama(tmp_path / "mha", heads=4, kv_heads=4)
     ids = calib(2, 32, vocab=64)
-    cfg = pipeline.QuantConfig(method="awq", wbits=3, group_size=64)
+    cfg = pipeline.QuantConfig.of(method="awq", wbits=3, group_size=64)
     fp = llama.load(tmp_path / "mha")
     q, res = run_numpy(cfg, ids, mha)
     info = res.layers[0].info["awq"]
@@ -305,7 +300,7 @@ def test_without_quantization_the_transformed_layer_is_the_fp_layer(tmp_path, me
     model = random_llama(tmp_path, heads=4, kv_heads=heads, bias=True)
     fp = llama.load(tmp_path)
     ids = calib(2, 16, vocab=64)
-    cfg = pipeline.QuantConfig(method=method, wbits=4, group_size=64, **kw)
+    cfg = pipeline.QuantConfig.of(method=method, wbits=4, group_size=64, **kw)
     res = pipeline.quantize_model(pipeline.NumpyRunner(model, ops=_NoQuantOps()), cfg, ids)
     if method == "awq":
         assert res.layers[0].info["awq"]["v_to_o"] is (heads == 4)
@@ -321,7 +316,7 @@ def test_aweq_ablation_switches_and_bias_correction():
     X = site_inputs(fp.layers[0], fp.config, layer_inputs(fp, ids, 0))
     spec = aweq.weight_spec(4)
     for conf in aweq.ABLATIONS:
-        cfg = pipeline.QuantConfig(method="aweq", wbits=4, awe=conf.awe, bc=conf.bc)
+        cfg = pipeline.QuantConfig.of(method="aweq", wbits=4, awe=conf.awe, bc=conf.bc)
         q, res = run_numpy(cfg, ids)
         lay, qlay = fp.layers[0], q.layers[0]
         assert res.layers[0].info["aweq"]["ablation"] == conf.name
@@ -341,18 +336,18 @@ def test_aweq_ablation_switches_and_bias_correction():
                 else:
                     assert n + ".bias" not in qlay
     # with BC the mean output error of every linear on the calibration inputs is zero (eq. (15))
-    q, _ = run_numpy(pipeline.QuantConfig(method="aweq", wbits=3, awe=False, bc=True), ids)
+    q, _ = run_numpy(pipeline.QuantConfig.of(method="aweq", wbits=3, awe=False, bc=True), ids)
     err = X["down_in"] @ q.layers[0][DOWN].T + q.layers[0][DOWN + ".bias"] - X["down_in"] @ fp.layers[0][DOWN].T
     np.testing.assert_allclose(err.reshape(-1, err.shape[-1]).mean(axis=0), 0, atol=1e-12)
 
 
 def test_aweq_activation_quantizers():
     ids = calib()
-    cfg = pipeline.QuantConfig(method="aweq", wbits=8, abits=8, act_mode="per_tensor")
+    cfg = pipeline.QuantConfig.of(method="aweq", wbits=8, abits=8, act_mode="per_tensor")
     _, res = run_numpy(cfg, ids)
     aq = res.layers[0].act_quant
     assert set(aq) == set(llama.LINEARS) and all(a.mode == "per_tensor" and a.bits == 8 for a in aq.values())
-    _, res = run_numpy(pipeline.QuantConfig(method="aweq", wbits=4), ids)
+    _, res = run_numpy(pipeline.QuantConfig.of(method="aweq", wbits=4), ids)
     assert res.layers[0].act_quant == {}
 
 
@@ -372,10 +367,10 @@ torch_only = pytest.mark.skipif(not runs.torch_available(), reason="needs torch 
 def test_torch_runner_matches_the_numpy_reference(method, kw):
     import torch
 
-    from backends import torch_pipeline as tp
+    from refquant import torch_pipeline as tp
 
     ids = calib(2, 32)
-    cfg = pipeline.QuantConfig(method=method, **kw)
+    cfg = pipeline.QuantConfig.of(method=method, **kw)
     ref, ref_res = run_numpy(cfg, ids)
     hf = tp.load_model(str(TINY), dtype=torch.float64)
     res = pipeline.quantize_model(tp.HFRunner(hf, batch_size=2), cfg, ids)
@@ -412,11 +407,11 @@ def signed_codes(qw):
 def test_torch_awq_scales_v_into_o_on_a_multi_head_model(tmp_path):
     import torch
 
-    from backends import torch_pipeline as tp
+    from refquant import torch_pipeline as tp
 
     random_llama(tmp_path, heads=4, kv_heads=4, layers=2)
     ids = calib(2, 32, vocab=64)
-    cfg = pipeline.QuantConfig(method="awq", wbits=3, group_size=64)
+    cfg = pipeline.QuantConfig.of(method="awq", wbits=3, group_size=64)
     ref, ref_res = run_numpy(cfg, ids, llama.load(tmp_path))
     hf = tp.load_model(str(tmp_path), dtype=torch.float64)
     res = pipeline.quantize_model(tp.HFRunner(hf, batch_size=1), cfg, ids)
@@ -436,7 +431,7 @@ def test_resume_after_a_crash_gives_identical_results(tmp_path, method, kw):
     import torch
 
     ids = calib(2, 32)
-    cfg = pipeline.QuantConfig(method=method, **kw)
+    cfg = pipeline.QuantConfig.of(method=method, **kw)
     first = quantize_run(cfg, ids, tmp_path / "clean")
     clean, aq_clean = first.model.state_dict(), first.act_quant
     second = crash_then_resume(cfg, ids, tmp_path / "crashed", crash_after=1)
@@ -456,7 +451,7 @@ def test_saved_aweq_model_reloads_with_its_biases(tmp_path):
 
     ids = calib(2, 32)
     loaded = runs.load(TINY, "torch", "cpu", "float32")
-    runs.quantize(loaded, pipeline.QuantConfig(method="aweq", wbits=4), ids, batch_size=2)
+    runs.quantize(loaded, pipeline.QuantConfig.of(method="aweq", wbits=4), ids, batch_size=2)
     runs.save_model(loaded, tmp_path, {"config": {}, "act_quant": {}, "source_model": str(TINY)})
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["attention_bias"] is True and cfg["mlp_bias"] is True
@@ -475,7 +470,7 @@ def _ppl(method, windows, nsamples=4, seqlen=2048, **kw):
 
     loaded = runs.load(TINY, "torch", "cpu", "float32")
     if method != "fp":
-        cfg = pipeline.QuantConfig(method=method, **kw)
+        cfg = pipeline.QuantConfig.of(method=method, **kw)
         ids = None
         if pipeline.METHODS[method].needs_calibration:
             ids, _ = data.get_calibration("wikitext2", loaded.encode, nsamples=nsamples, seqlen=seqlen, seed=0)
@@ -519,6 +514,6 @@ def test_study_orderings_with_128_calibration_windows():
     assert _ppl("awq", None, nsamples=128, wbits=3) < _ppl("rtn", None, wbits=3)
     w8a8 = _ppl("smoothquant", None, nsamples=128, wbits=8, abits=8, quantize_bmm_input=True)
     assert w8a8 < 1.02 * fp
-    plain = _ppl("aweq", None, nsamples=128, wbits=3, awe=False, bc=False, aweq_per_tensor=False)
-    full = _ppl("aweq", None, nsamples=128, wbits=3, aweq_per_tensor=False)
+    plain = _ppl("aweq", None, nsamples=128, wbits=3, awe=False, bc=False, group_quant=True)
+    full = _ppl("aweq", None, nsamples=128, wbits=3, group_quant=True)
     assert full < plain

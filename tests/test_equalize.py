@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refquant.equalize import (
+from refquant.spec.equalize import (
     fold_into_layernorm,
     fold_into_linear,
     fold_into_norm,

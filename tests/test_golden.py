@@ -77,13 +77,14 @@ def test_chaotic_gptq_case_is_judged_by_its_loss_and_a_broken_result_still_fails
     """On an ill-conditioned case, float64 noise in H flips codes of the reference itself: another correct
     float64 implementation (simulated: the reference on H * (1 + 1e-15 E)) passes; a wrong one does not."""
     import refquant as rq
+    from refquant.methods import gptq as gptq_unit
 
     rules = golden.load_manifest()["parity_rules"]
     for name, chaotic in (("gptq/odd1000_w3_sym_g128_actorder", True), ("gptq/nasty256_w3_sym_g128_actorder", False)):
         (case,) = [c for c in golden.cases("gptq") if c.name == name]
         arrays = case.load()
         H = rq.hessian(golden.calibration_input(arrays))
-        flips = golden.reference_gptq_flip_fraction(case, arrays, H)
+        flips = gptq_unit.reference_flip_fraction(case.params, arrays, H)
         assert (flips > 1 - rules["gptq"]["min_codes_identical"]) is chaotic, (name, flips)
     (case,) = [c for c in golden.cases("gptq") if c.name == "gptq/odd1000_w3_sym_g128_actorder"]
     arrays = case.load()
@@ -105,7 +106,7 @@ def test_awq_scales_off_in_last_bits_are_judged_on_the_backends_own_inputs():
     from refquant import awq
 
     rules = golden.load_manifest()["parity_rules"]
-    ops = golden._reference_ops()
+    ops = golden.reference_ops()
 
     class Nudged:
         def __getattr__(self, name):
@@ -141,4 +142,4 @@ def test_manifest_parity_rules_are_the_generators():
     spec = importlib.util.spec_from_file_location("refquant_make_golden_rules", path)
     mg = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mg)
-    assert MANIFEST["parity_rules"] == mg.PARITY_RULES
+    assert MANIFEST["parity_rules"] == mg.parity_rules()

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-import backends  # noqa: E402
+from refquant import backends  # noqa: E402
 from refquant import golden, pipeline, runs  # noqa: E402
 
 needs_data = pytest.mark.skipif(not os.environ.get("REFQUANT_DATA_DIR"), reason="REFQUANT_DATA_DIR not set")
@@ -60,7 +60,7 @@ def test_tiny_model_quantized_on_the_gpu_matches_the_cpu_reference(method):
 
     ref = runs.load(runs.DEFAULT_MODEL, "numpy")
     ids, _ = data.get_calibration("wikitext2", ref.encode, nsamples=16, seqlen=2048, seed=0)
-    cfg = pipeline.QuantConfig(method=method, wbits=4, group_size=128)
+    cfg = pipeline.QuantConfig.of(method=method, wbits=4, group_size=128)
     runs.quantize(ref, cfg, ids)
     gpu = runs.load(runs.DEFAULT_MODEL, "torch", "cuda", "float32")
     runs.quantize(gpu, cfg, ids)
@@ -90,7 +90,7 @@ def test_llama3_8b_shaped_model_quantize_and_perplexity_end_to_end():
     """Random bf16 LLaMA3-8B-shaped weights built on the device: GPTQ w4 g128 through all 32 layers,
     then perplexity of the quantized model: finite and within 10% of the FP model's on the same
     tokens (random weights: both are of the order of the vocabulary size, not a language model's)."""
-    from backends.torch_pipeline import HFRunner, perplexity
+    from refquant.torch_pipeline import HFRunner, perplexity
 
     bench = _bench_module()
     cfg = bench.hf_config(bench.SHAPES["llama3-8b"])
@@ -103,7 +103,7 @@ def test_llama3_8b_shaped_model_quantize_and_perplexity_end_to_end():
     fp = perplexity(model, tokens, 2048, device="cuda", batch_size=2).ppl
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(8, 2048))
     runner = HFRunner(model, device="cuda", act_dtype=torch.bfloat16, batch_size=4)
-    res = pipeline.quantize_model(runner, pipeline.QuantConfig(method="gptq", wbits=4, group_size=128), ids,
+    res = pipeline.quantize_model(runner, pipeline.QuantConfig.of(method="gptq", wbits=4, group_size=128), ids,
                                   keep_quantized=False)
     assert len(res.layers) == 32 and all(r.info["gptq_loss"] for r in res.layers)
     ppl = perplexity(model, tokens, 2048, device="cuda", batch_size=2).ppl

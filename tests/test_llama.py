@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refquant import llama, safetensors_io
+from refquant.spec import llama, safetensors_io
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

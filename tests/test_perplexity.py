@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from refquant import progress as progress_mod
-from refquant.perplexity import (
+from refquant.spec import progress as progress_mod
+from refquant.spec.perplexity import (
     PerplexityResult,
     cross_entropy,
     perplexity,

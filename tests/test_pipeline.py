@@ -9,10 +9,11 @@ import pytest
 
 import refquant as rq
 from refquant import llama, pipeline, runs
+from refquant.spec import safetensors_io
 
 TINY = runs.DEFAULT_MODEL
 torch = pytest.importorskip("torch")
-from backends import torch_pipeline as tp  # noqa: E402
+from refquant import torch_pipeline as tp  # noqa: E402
 from pipeline_helpers import crash_then_resume, layer_inputs, quantize_run  # noqa: E402
 
 needs_data = pytest.mark.skipif(not os.environ.get("REFQUANT_DATA_DIR"), reason="REFQUANT_DATA_DIR not set")
@@ -32,7 +33,7 @@ def streamed_hessian(X):
 
 def test_rtn_pipeline_is_rtn_of_every_linear():
     fp, q = llama.load(TINY), llama.load(TINY)
-    cfg = pipeline.QuantConfig(method="rtn", wbits=3, group_size=128)
+    cfg = pipeline.QuantConfig.of(method="rtn", wbits=3, group_size=128)
     res = pipeline.quantize_model(pipeline.NumpyRunner(q), cfg, None)
     for i in range(fp.config.num_hidden_layers):
         for name in llama.LINEARS:
@@ -45,7 +46,7 @@ def test_gptq_pipeline_uses_hessians_of_the_quantized_model_inputs():
     """Layer 1's Hessians come from the outputs of the *quantized* layer 0 (errors propagate)."""
     fp, q = llama.load(TINY), llama.load(TINY)
     ids = calib()
-    cfg = pipeline.QuantConfig(method="gptq", wbits=3, group_size=128)
+    cfg = pipeline.QuantConfig.of(method="gptq", wbits=3, group_size=128)
     pipeline.quantize_model(pipeline.NumpyRunner(q), cfg, ids)
     # replay: layer 0 quantized from FP inputs ...
     X0 = layer_inputs(fp, ids, 0)
@@ -66,8 +67,8 @@ def test_gptq_pipeline_uses_hessians_of_the_quantized_model_inputs():
 def test_true_sequential_sees_the_quantized_qkv():
     ids = calib()
     a, b = llama.load(TINY), llama.load(TINY)
-    pipeline.quantize_model(pipeline.NumpyRunner(a), pipeline.QuantConfig(method="gptq", wbits=3), ids)
-    pipeline.quantize_model(pipeline.NumpyRunner(b), pipeline.QuantConfig(method="gptq", wbits=3, true_sequential=True), ids)
+    pipeline.quantize_model(pipeline.NumpyRunner(a), pipeline.QuantConfig.of(method="gptq", wbits=3), ids)
+    pipeline.quantize_model(pipeline.NumpyRunner(b), pipeline.QuantConfig.of(method="gptq", wbits=3, true_sequential=True), ids)
     # q/k/v: same Hessian (FP layer input) either way; o_proj: input through the quantized q/k/v
     np.testing.assert_array_equal(a.layers[0]["self_attn.q_proj"], b.layers[0]["self_attn.q_proj"])
     assert not np.array_equal(a.layers[0]["self_attn.o_proj"], b.layers[0]["self_attn.o_proj"])
@@ -76,7 +77,7 @@ def test_true_sequential_sees_the_quantized_qkv():
 def test_torch_runner_matches_the_numpy_reference():
     ids = calib()
     for method in ("rtn", "gptq"):
-        cfg = pipeline.QuantConfig(method=method, wbits=4, group_size=128)
+        cfg = pipeline.QuantConfig.of(method=method, wbits=4, group_size=128)
         ref, ref_fp = llama.load(TINY), llama.load(TINY)
         ref_res = pipeline.quantize_model(pipeline.NumpyRunner(ref), cfg, ids)
         hf = tp.load_model(str(TINY), dtype=torch.float64)
@@ -132,7 +133,7 @@ def test_perplexity_engines_agree():
 @pytest.mark.parametrize("method", ["gptq"])
 def test_resume_after_a_crash_gives_identical_results(tmp_path, method):
     ids = calib()
-    cfg = pipeline.QuantConfig(method=method, wbits=3, group_size=128)
+    cfg = pipeline.QuantConfig.of(method=method, wbits=3, group_size=128)
     clean = quantize_run(cfg, ids, tmp_path / "clean").model.state_dict()
     resumed = crash_then_resume(cfg, ids, tmp_path / "crashed", crash_after=1).model.state_dict()
     assert sorted(p.name for p in (tmp_path / "crashed" / "quantized").glob("layer_*.json")) == \
@@ -145,9 +146,9 @@ def test_resume_after_a_crash_gives_identical_results(tmp_path, method):
 
 def test_resume_refuses_a_different_config(tmp_path):
     loaded = runs.load(TINY, "torch", "cpu", "float32")
-    runs.quantize(loaded, pipeline.QuantConfig(method="rtn", wbits=4), None, out_dir=tmp_path)
+    runs.quantize(loaded, pipeline.QuantConfig.of(method="rtn", wbits=4), None, out_dir=tmp_path)
     with pytest.raises(ValueError, match="different settings"):
-        runs.quantize(runs.load(TINY, "torch", "cpu", "float32"), pipeline.QuantConfig(method="rtn", wbits=3), None,
+        runs.quantize(runs.load(TINY, "torch", "cpu", "float32"), pipeline.QuantConfig.of(method="rtn", wbits=3), None,
                       out_dir=tmp_path, resume=True)
 
 
@@ -169,7 +170,7 @@ def test_cli_quantize_saves_a_transformers_model_with_provenance(tmp_path):
     import transformers
     hf = transformers.LlamaForCausalLM.from_pretrained(out)
     q = runs.LayerStore(out, None)
-    t = rq.safetensors_io.read(q.dir / "layer_000.safetensors")
+    t = safetensors_io.read(q.dir / "layer_000.safetensors")
     assert t["self_attn.q_proj.codes"].dtype == np.uint8 and t["self_attn.q_proj.codes"].max() <= 15
     W = hf.model.layers[0].self_attn.q_proj.weight.detach().float().numpy()
     scale, zero, g = t["self_attn.q_proj.scale"], t["self_attn.q_proj.zero"], t["self_attn.q_proj.g_idx"]
@@ -188,7 +189,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
                  "--backend", "numpy"]) == 2
     assert "not a directory" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown method"):
-        pipeline.QuantConfig(method="nope")
+        pipeline.QuantConfig.of(method="nope")
     with pytest.raises(ValueError, match="abits"):
         pipeline.QuantConfig(abits=12)
 
@@ -203,7 +204,7 @@ def _ppl(method, bits, windows, nsamples=64, seqlen=512):
         ids = None
         if method == "gptq":
             ids, _ = data.get_calibration("wikitext2", loaded.encode, nsamples=nsamples, seqlen=seqlen, seed=0)
-        runs.quantize(loaded, pipeline.QuantConfig(method=method, wbits=bits, group_size=128), ids)
+        runs.quantize(loaded, pipeline.QuantConfig.of(method=method, wbits=bits, group_size=128), ids)
     return runs.evaluate_ppl(loaded, ["wikitext2"], max_windows=windows, token_cache=_TOKENS)["wikitext2"]["ppl"]
 
 
@@ -237,7 +238,7 @@ def test_fp16_overflow_during_calibration_names_the_layer_and_linear():
         hf.model.layers[2].mlp.up_proj.weight.mul_(3e4)  # its outputs exceed fp16's 65504
     runner = tp.HFRunner(hf, batch_size=2)
     with pytest.raises(tp.CalibrationOverflow, match=r"model\.layers\.2(\.| at )mlp\.(up_proj output|down_proj)"):
-        pipeline.quantize_model(runner, pipeline.QuantConfig(method="gptq", wbits=4), calib(2, 64))
+        pipeline.quantize_model(runner, pipeline.QuantConfig.of(method="gptq", wbits=4), calib(2, 64))
 
 
 def test_preflight_failure_refuses_a_gpu_run_unless_overridden(monkeypatch):
@@ -249,7 +250,7 @@ def test_preflight_failure_refuses_a_gpu_run_unless_overridden(monkeypatch):
     monkeypatch.setattr(cli, "preflight", lambda backend, device, methods: [
         {"case": "gptq/x", "method": "gptq", "ok": False}, {"case": "rtn/y", "method": "rtn", "ok": True}])
     loaded = SimpleNamespace(backend="torch", device="cuda:0")
-    cfg = pipeline.QuantConfig(method="gptq")
+    cfg = pipeline.QuantConfig.of(method="gptq")
     with pytest.raises(SystemExit, match="refusing to run.*--no-preflight"):
         cli._run_preflight(SimpleNamespace(no_preflight=False), cfg, loaded)
     summary = cli._run_preflight(SimpleNamespace(no_preflight=True), cfg, loaded)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from strategies import WEIGHT_KINDS, fast, quant_specs, rtn_problems, weights
 
 import refquant as rq
-from refquant.quantizer import dequantize, fake_quantize, find_params, group_index, group_slices, quantize
+from refquant.spec.quantizer import dequantize, fake_quantize, find_params, group_index, group_slices, quantize
 
 
 def fq(x, spec):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from strategies import WEIGHT_KINDS, fast, make_weight, quant_specs, rtn_problems, seeds, weights
 
 import refquant as rq
-from refquant.quantizer import find_params, group_slices, quantize
+from refquant.spec.quantizer import find_params, group_slices, quantize
 
 ALL_RULES = ("gptq", "awq", "absmax")
 
@@ -303,17 +303,19 @@ def test_nasty_weights_give_finite_results(problem):
         (dict(bits=8, rule="absmax"), (8, 256), 8 + 16 / 256),  # zero = qmax is a constant
     ],
 )
-def test_bits_per_weight(kwargs, shape, expected):
+def test_storage_bits_per_weight(kwargs, shape, expected):
     W = make_weight("normal", *shape, seed=0)
     qw = rq.rtn(W, rq.QuantSpec(**kwargs))
-    assert qw.bits_per_weight == pytest.approx(expected, rel=1e-15)
+    assert qw.storage_bits_per_weight == pytest.approx(expected, rel=1e-15)
+    assert qw.storage_bits == round(expected * shape[0] * shape[1])
+    assert qw.bits_per_weight == kwargs["bits"]  # the papers' convention: the code width
     assert qw.bits == kwargs["bits"]
 
 
 def test_storage_bits_with_narrow_zero_points():
     qw = rq.rtn(make_weight("normal", 4, 256, seed=0), rq.QuantSpec(bits=4, group_size=128))
-    assert qw.storage_bits(scale_bits=16, zero_bits=4) == pytest.approx(4 + 20 / 128)
-    assert qw.storage_bits(scale_bits=32, zero_bits=32) == pytest.approx(4.5)
+    assert qw.storage_bits_with(scale_bits=16, zero_bits=4) == pytest.approx(4 + 20 / 128)
+    assert qw.storage_bits_with(scale_bits=32, zero_bits=32) == pytest.approx(4.5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refquant.smoothquant import (
+from refquant.spec.smoothquant import (
     ALPHA_LLAMA,
     DEFAULT_ALPHA,
     fake_quant_linear,

@@ -24,7 +24,7 @@ Benchmarks (in this order; ``--skip`` drops some, ``--methods`` picks the quanti
   wall time, per-layer seconds, peak allocated/reserved device memory. Quantized codes are copied
   to the host and dropped after each layer (``--codes offload``, what a run that writes every layer
   to disk costs; ``keep`` leaves them on the device as ``quantize_model`` does by itself);
-* ``micro_gptq``: ``backends.torch_backend.benchmark_gptq(detail=True)`` on the shape's GPTQ
+* ``micro_gptq``: ``tools/bench_gptq.benchmark_gptq(detail=True)`` on the shape's GPTQ
   matrices (q/k/v together, o, gate/up together, down): algorithm time without the model. Last,
   because its warm-up compiles the Triton kernel in this process, which the end-to-end GPTQ run
   must pay itself (Triton's on-disk cache can still hold it from an earlier process: the JSON
@@ -41,10 +41,10 @@ See docs/performance.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import hashlib
-import importlib
-import importlib.util
+import json
 import os
 import resource
 import shlex
@@ -98,15 +98,15 @@ SHAPES = {
                                          head_dim=64, bos_token_id=1, eos_token_id=2), 4, 64, 3, real=False),
 }
 
-# Quantization settings per method (the study's configurations; recorded in the JSON).
-PRESETS = {
-    "rtn": dict(wbits=4, group_size=128),
-    "gptq": dict(wbits=4, group_size=128),
-    "awq": dict(wbits=4, group_size=128),
-    "smoothquant": dict(wbits=8, group_size=None, abits=8, act_mode="per_token", quantize_bmm_input=True, alpha=0.85),
-    "aweq": dict(wbits=8, group_size=None, abits=8, act_mode="per_tensor"),
-}
-DEFAULT_METHODS = ("rtn", "gptq", "smoothquant", "awq")
+# Quantization settings per method: each wiring unit's ``bench_preset`` (the study's configuration; recorded
+# in the JSON); the default methods are those with ``bench_default``.
+DEFAULT_METHODS = tuple(name for name, m in sorted(pipeline.METHODS.items()) if m.bench_default and m.bench_preset)
+
+
+def preset_of(method: str) -> dict:
+    """The wiring unit's benchmark settings (``Method.bench_preset``; GPTQ's w4 g128 for a method without one)."""
+    return dict(pipeline.METHODS[method].bench_preset or pipeline.METHODS["gptq"].bench_preset)
+
 
 # Targets on one H200: {shape: {benchmark: [(metric, limit, unit), ...]}}. Quantization targets hold
 # for 128 x 2048 calibration tokens, the perplexity target for ~300k tokens at seqlen 2048.
@@ -489,7 +489,7 @@ def target_summary(b: Bench) -> list:
 
 
 def bench_micro(b: Bench) -> dict:
-    from backends.torch_backend import benchmark_gptq
+    from tools.bench_gptq import benchmark_gptq
 
     rec = {"kind": "micro", "what": "benchmark_gptq(detail=True) per GPTQ matrix group, median seconds",
            "group_size": 128, "bits": 4, "repeats": b.args.micro_repeats, "matrices": {}}
@@ -522,11 +522,11 @@ def _resident_layers(b: Bench) -> tuple[list, float]:
 
 
 def bench_rtn_resident(b: Bench, layers) -> dict:
-    import backends
-    from backends.torch_pipeline import module
+    from refquant import backends
+    from refquant.torch_pipeline import module
 
     be = backends.get_backend("torch")
-    spec = pipeline.QuantConfig(method="rtn", **PRESETS["rtn"]).weight_spec()
+    spec = pipeline.QuantConfig.of("rtn", **preset_of("rtn")).weight_spec()
     mats = [module(layer, name).weight for layer in layers for name in llama.LINEARS]
     nbytes = sum(w.numel() * w.element_size() for w in mats)
     mem = MemoryWindow(b.device)
@@ -545,7 +545,7 @@ def bench_rtn_resident(b: Bench, layers) -> dict:
 
 
 def bench_ppl(b: Bench) -> dict:
-    from backends.torch_pipeline import perplexity
+    from refquant.torch_pipeline import perplexity
 
     a = b.args
     n_tokens = a.ppl_windows * a.seqlen
@@ -612,22 +612,31 @@ def run_resident(b: Bench, want_rtn: bool, want_ppl: bool) -> None:
         _free(b.device)
 
 
+def overrides_for(a, method: str) -> dict:
+    """The ``--set NAME=VALUE`` settings that apply to ``method`` (its options or the shared config fields)."""
+    if method not in pipeline.METHODS:
+        return {}
+    cfg_fields = {f.name for f in dataclasses.fields(pipeline.QuantConfig)} - {"method", "options"}
+    own = {f.name for f in dataclasses.fields(pipeline.METHODS[method].Options)} | cfg_fields
+    return {k: v for k, v in a.set.items() if k in own}
+
+
 def quantize_name(a, method: str) -> str:
-    """The record of one method; AWQ with a search budget is a protocol change, its own record (no target)."""
-    if method == "awq" and a.awq_search_samples:
-        return f"quantize_awq_search{a.awq_search_samples}"
-    return f"quantize_{method}"
+    """The record of one method. Settings changed with ``--set`` are another protocol: their own record
+    (``quantize_awq[awq_search_samples=32]``), judged against no target."""
+    extra = overrides_for(a, method)
+    if not extra:
+        return f"quantize_{method}"
+    return f"quantize_{method}[" + ",".join(f"{k}={v}" for k, v in sorted(extra.items())) + "]"
 
 
 def bench_quantize(b: Bench, method: str) -> dict:
-    from backends.torch_pipeline import HFRunner
+    from refquant.torch_pipeline import HFRunner
 
     a = b.args
-    preset = dict(PRESETS.get(method, PRESETS["gptq"]))
+    preset = {**preset_of(method), **overrides_for(a, method)}
     name = quantize_name(a, method)
-    if name != f"quantize_{method}":
-        preset["awq_search_samples"] = a.awq_search_samples
-    cfg = pipeline.QuantConfig(method=method, **preset)
+    cfg = pipeline.QuantConfig.of(method, **preset)
     needs_calib = pipeline.METHODS[method].needs_calibration
     n_layers = b.cfg.num_hidden_layers
     full_layers = b.shape.config["num_hidden_layers"]
@@ -708,25 +717,13 @@ def bench_quantize(b: Bench, method: str) -> dict:
 def unregistered(method: str) -> str | None:
     """Why ``method`` cannot run (not in ``refquant.pipeline.METHODS``), or None when it is registered.
 
-    Methods register themselves when their module is imported (``refquant.<method>``); the registry
-    may import them on first use. A module that fails to import is reported, not raised.
+    Every wiring unit in ``refquant/methods/`` registers when refquant is imported; a name that is not
+    there is reported with the registered ones.
     """
-    problems = []
-    for attempt in range(2):
-        try:
-            if method in pipeline.METHODS:
-                return None
-            registered = ", ".join(sorted(pipeline.METHODS))
-        except Exception as e:  # a method module being written right now may not import
-            problems.append(f"the method registry failed to load: {type(e).__name__}: {e}")
-            registered = "?"
-        if attempt == 0 and importlib.util.find_spec(f"refquant.{method}") is not None:
-            try:
-                importlib.import_module(f"refquant.{method}")
-            except Exception as e:
-                problems.append(f"refquant.{method} failed to import: {type(e).__name__}: {e}")
-    why = f"method {method!r} is not registered in refquant.pipeline.METHODS (registered: {registered})"
-    return "; ".join([why] + problems)
+    if method in pipeline.METHODS:
+        return None
+    return (f"method {method!r} is not registered in refquant.pipeline.METHODS (registered: "
+            f"{', '.join(sorted(pipeline.METHODS))})")
 
 
 def _run_one(b: Bench, name: str, fn) -> None:
@@ -762,6 +759,17 @@ def _headline(rec: dict) -> str:
 # Driver
 
 
+def _setting(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` with VALUE parsed as JSON where it can be (``32``, ``true``, ``0.5``, ``null``), else a string."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--set takes NAME=VALUE; got {text!r}")
+    name, value = text.split("=", 1)
+    try:
+        return name.strip(), json.loads(value)
+    except ValueError:
+        return name.strip(), value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -777,8 +785,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ppl-batch-size", type=int, default=4, help="perplexity windows per forward call")
     ap.add_argument("--layers", type=int, default=None,
                     help="quantize only the first N layers (the full total is extrapolated and marked so)")
-    ap.add_argument("--awq-search-samples", type=int, default=None,
-                    help="AWQ: search on the first N calibration sequences (recorded as quantize_awq_searchN)")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", type=_setting,
+                    help="override a setting of the methods' presets (an option of a method's wiring unit or a shared "
+                         "QuantConfig field), e.g. --set awq_search_samples=32; recorded as its own benchmark "
+                         "(quantize_awq[awq_search_samples=32]) with no target. Repeatable.")
     ap.add_argument("--micro-repeats", type=int, default=1, help="timed calls per matrix in micro_gptq")
     ap.add_argument("--codes", choices=("offload", "drop", "keep"), default="offload",
                     help="quantized codes after each layer: copy to host and drop (default), drop, keep on device")
@@ -799,6 +809,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.seqlen = a.seqlen or shape.seqlen
     a.ppl_windows = a.ppl_windows or shape.ppl_windows
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    a.set = dict(a.set)
+    known = {f.name for m in pipeline.METHODS.values() for f in dataclasses.fields(m.Options)} | {
+        f.name for f in dataclasses.fields(pipeline.QuantConfig)} - {"method", "options"}
+    if set(a.set) - known:
+        ap.error(f"--set: unknown setting(s) {sorted(set(a.set) - known)}; known: {sorted(known)}")
     if a.layers is not None and not 1 <= a.layers <= shape.config["num_hidden_layers"]:
         ap.error(f"--layers must be 1..{shape.config['num_hidden_layers']}")
     for opt in ("nsamples", "seqlen", "batch_size", "ppl_windows", "ppl_batch_size", "micro_repeats"):
@@ -927,7 +942,7 @@ def run(argv=None) -> dict:
                   "layers_run": cfg.num_hidden_layers, "gptq_matrices": gptq_matrices(cfg)},
         "settings": {k: getattr(a, k) for k in ("methods", "skip", "nsamples", "seqlen", "batch_size", "ppl_windows",
                                                "ppl_batch_size", "layers", "micro_repeats", "codes", "embed_on",
-                                               "time_budget_s", "method_budget_s", "seed")},
+                                               "time_budget_s", "method_budget_s", "seed", "set")},
         "benchmarks": {},
         "skipped": {},
         "targets": [],

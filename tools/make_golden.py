@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """Write the golden state: run the NumPy reference on fixed seeded inputs, save outputs + manifest.
 
-    python tools/make_golden.py            # regenerate golden/ (commit the result with the reason)
-    python tools/make_golden.py --check    # regenerate in memory and report what would change
+    python tools/make_golden.py            # add the cases of newly registered suites beside the recorded ones
+    python tools/make_golden.py --check    # regenerate every case in memory and report what would change
+    python tools/make_golden.py --out DIR  # a fresh golden set in DIR (e.g. to try new cases out)
+
+The cases come from the methods' wiring units (``Method.golden``: ``refquant.golden.GoldenSuite``);
+this tool names no method.
 
 Inputs live once per shape in ``golden/inputs/<shape>.npz`` (W in bf16-representable float64;
 calibration inputs as int8 ``X_int`` with ``X = X_int * 2**-x_exp`` and 8 sequences, so that the
@@ -14,8 +18,8 @@ file, every case's parameters and comparison rule, and the backend parity rules 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
-import itertools
 import json
 import subprocess
 import sys
@@ -28,72 +32,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import refquant as rq  # noqa: E402
+import refquant as rq  # noqa: E402  (registers every method's golden suites)
 from refquant import golden  # noqa: E402
 
 GENERATOR_VERSION = "2"  # 2: SmoothQuant / AWQ / AWEQ cases
 N_SEQUENCES = 8  # sqrt(2 / 8) = 0.5: the Hessian's scaling is exact
 X_EXP = 6
+SHAPES = ("llama4096", "odd1000", "nasty256")
 
-# Backend parity rules (issue: "RTN codes identical except exact rounding ties, dequantized weights
-# within float32 rounding; GPTQ >= 99.9% identical codes and proxy loss within 0.5%").
-PARITY_RULES = {
-    "rtn": {
-        "tie_eps": 1e-6,
-        "w_hat_ulps": 4,
-        "text": "codes identical except where the reference's W/scale lies within tie_eps (relative) of a "
-                "rounding tie (then off by at most 1); where codes agree, W_hat within w_hat_ulps float32 "
-                "ulps of max(|W_hat|, scale)",
-    },
-    "gptq": {
-        "min_codes_identical": 0.999,
-        "chaotic_min_codes_identical": 0.95,
-        "proxy_loss_rtol": 0.005,
-        "text": "fp32 backend vs fp64 reference: >= 99.9% identical codes and proxy loss "
-                "tr((W-W_hat) H (W-W_hat)^T) within 0.5% of the reference's, on the same exact H; on a chaotic "
-                "case (the reference itself changes > 0.1% of its codes when H is perturbed by 1e-15, "
-                "golden.reference_gptq_flip_fraction) >= 95% identical codes and the same proxy-loss bound",
-    },
-    "hessian": {
-        "max_rel_err": 1e-6,
-        "text": "max |H_backend - H_ref| / max |H_ref| <= 1e-6 (the golden inputs make fp32 accumulation exact)",
-    },
-    # Issue 5: the equalization methods, one linear each (refquant/golden.py EQUALIZATION_RUNNERS).
-    "smoothquant": {
-        "tie_eps": 1e-6,
-        "w_hat_ulps": 4,
-        "text": "s bit-identical (the reference formula on the exact channel absmax); codes of W diag(s) (absmax "
-                "per channel) and per-token activation codes of X diag(s)^-1 identical except within tie_eps "
-                "(relative) of a rounding tie, then off by at most 1; where codes agree, W_hat within w_hat_ulps "
-                "float32 ulps of max(|W_hat|, scale)",
-    },
-    "awq": {
-        "loss_rtol": 1e-10,
-        "scales_rtol": 1e-12,
-        "min_clip_identical": 0.99,
-        "clip_err_rtol": 1e-10,
-        "tie_eps": 1e-5,
-        "w_hat_ulps": 4,
-        "text": "the searches run in float64 on every backend: every grid loss within loss_rtol of the reference's; "
-                "the chosen ratio is the reference's, or its reference loss is within loss_rtol of the minimum (a "
-                "near tie). With the same ratio: scales within scales_rtol; with bit-identical scales >= min_clip_identical of "
-                "the (row, group) clip candidates identical; every other one a near tie (reference clip error within "
-                "clip_err_rtol of the reference's choice) or, where the scales differ in last bits (a sum in another "
-                "order flips exact zero-point ties of single candidates), the reference's choice (or a near tie) on "
-                "the backend's own scaled inputs. Final float32 RTN, where the clip agrees: signed codes q - zero identical "
-                "except at rounding ties (tie_eps, then off by 1), the zero point equal or, where the reference's "
-                "was an exact tie (a symmetric clip gives zero = round(maxq / 2)), off by 1; W_hat within w_hat_ulps "
-                "float32 ulps",
-    },
-    "aweq": {
-        "tie_eps": 1e-6,
-        "w_hat_ulps": 4,
-        "bias_rtol": 1e-4,
-        "text": "s bit-identical (eq. (10) on the exact ranges); codes of W diag(s) identical except at rounding ties "
-                "(tie_eps), W_hat within w_hat_ulps float32 ulps; for rows whose codes all agree, the bias within "
-                "bias_rtol of sum_j |W_hat - W diag(s)|_rj |E[x]_j / s_j| of the reference",
-    },
-}
+
+def parity_rules() -> dict:
+    """Every golden suite's backend parity rule (written by the methods' wiring units)."""
+    return {name: suite.parity_rule for name, suite in golden.SUITES.items()}
 
 
 def bf16_round(x: np.ndarray) -> np.ndarray:
@@ -124,85 +74,12 @@ def make_inputs(shape: str) -> dict:
 
 
 def case_grid():
-    """(method, shape, name, params, slow) for every golden case."""
-    for shape in ("llama4096", "odd1000", "nasty256"):
-        for bits, sym, gs in itertools.product((2, 3, 4, 8), (False, True), (None, 128)):
-            spec = {"bits": bits, "group_size": gs, "sym": sym}
-            name = f"{shape}_w{bits}_{'sym' if sym else 'asym'}_{'g' + str(gs) if gs else 'perchannel'}"
-            yield "rtn", shape, name, {"spec": spec}, False
-    # the 4096-wide cases cost seconds each (4096^3 Cholesky work): a covering few run by default
-    covering = {(4, False, 128, False), (4, True, 128, True), (3, False, None, True)}
-    for shape in ("llama4096", "odd1000", "nasty256"):
-        configs = [(b, s, g, a, False) for b, s, g, a in itertools.product((2, 3, 4, 8), (False, True), (None, 128),
-                                                                           (False, True))]
-        configs += [(4, False, 128, True, True), (3, True, 128, True, True)]  # static groups
-        if shape != "llama4096":
-            configs += [(3, True, 32, False, False), (3, False, 32, True, False), (4, False, 32, True, True)]
-        for bits, sym, gs, act, static in configs:
-            spec = {"bits": bits, "group_size": gs, "sym": sym}
-            kwargs = {"blocksize": 128, "percdamp": 0.01, "act_order": act, "static_groups": static}
-            name = (f"{shape}_w{bits}_{'sym' if sym else 'asym'}_{'g' + str(gs) if gs else 'perchannel'}"
-                    f"{'_actorder' if act else ''}{'_static' if static else ''}")
-            slow = shape == "llama4096" and (bits, sym, gs, act) not in covering and (bits, static) != (4, True)
-            yield "gptq", shape, name, {"spec": spec, "kwargs": kwargs}, slow
-    yield "hessian", "nasty256", "nasty256", {}, False
-    yield from equalization_case_grid()
-
-
-def equalization_case_grid():
-    """SmoothQuant, AWQ and AWEQ cases: (method, shape, name, params, slow); each runs in well under a second."""
-    for shape in ("llama4096", "odd1000", "nasty256"):
-        for bits, alpha in ((8, 0.85), (8, 0.5), (6, 0.85), (4, 0.85)):
-            params = {"spec": {"bits": bits, "group_size": None, "rule": "absmax"}, "alpha": alpha}
-            if shape == "nasty256":
-                params["act_bits"] = bits  # activation codes: (8 x 32 x 256) int8 per case
-            yield "smoothquant", shape, f"{shape}_w{bits}_alpha{alpha}", params, False
-    for shape in ("llama4096", "odd1000", "nasty256"):
-        configs = [(4, 128, False, 512), (3, 128, False, 100), (3, None, False, 512)]
-        if shape != "nasty256":  # its all-zero row and group make the first-release formula 0/0 (a ValueError)
-            configs.append((4, 128, True, 512))
-        for bits, gs, duo, n_tok in configs:
-            params = {"spec": {"bits": bits, "group_size": gs, "rule": "awq"}, "n_grid": 20, "duo_scaling": duo,
-                      "clip_n_grid": 20, "clip_n_sample_tokens": n_tok}
-            name = (f"{shape}_w{bits}_{'g' + str(gs) if gs else 'perchannel'}{'_duo' if duo else ''}"
-                    f"{'_sample' + str(n_tok) if n_tok != 512 else ''}")
-            yield "awq", shape, name, params, False
-    for shape in ("llama4096", "odd1000", "nasty256"):
-        for bits, per_tensor in ((8, True), (4, True), (3, True), (4, False)):
-            spec = ({"bits": bits, "per_tensor": True, "sym": False, "rule": "gptq"} if per_tensor
-                    else {"bits": bits, "group_size": 128, "sym": False})
-            yield "aweq", shape, f"{shape}_w{bits}_{'pertensor' if per_tensor else 'g128'}", {"spec": spec}, False
-
-
-def rule_for(method: str, params: dict | None = None) -> dict:
-    if method == "smoothquant":
-        act = ["act_codes"] if (params or {}).get("act_bits") else []
-        return {"exact": ["codes", "g_idx"] + act, "bitwise": ["s", "scale", "zero"] + (["act_step"] if act else []),
-                "bitwise_everywhere": False, "cross_platform_rtol": 1e-12,
-                "text": "codes identical everywhere; s (x^alpha / w^(1-alpha): libm pow) and the quantizer floats "
-                        "bit for bit on the generating platform, within rtol 1e-12 elsewhere"}
-    if method == "awq":
-        return {"exact": ["best_k", "codes", "g_idx"],
-                "bitwise": ["scales", "losses", "clip_max_val", "clip_losses", "scale", "zero"],
-                "bitwise_everywhere": False, "cross_platform_rtol": 1e-9,
-                "text": "chosen ratio and codes identical everywhere; floats bit for bit on the generating platform, "
-                        "within rtol 1e-9 where NumPy/BLAS/CPU differ (matmul order in the losses)"}
-    if method == "aweq":
-        return {"exact": ["codes", "g_idx"], "bitwise": ["s", "scale", "zero", "bias"], "bitwise_everywhere": False,
-                "cross_platform_rtol": 1e-9,
-                "text": "codes identical everywhere; floats bit for bit on the generating platform, within rtol 1e-9 "
-                        "elsewhere (the bias is a BLAS matrix-vector product)"}
-    if method == "rtn":
-        return {"exact": ["codes", "g_idx"], "bitwise": ["scale", "zero"], "bitwise_everywhere": True,
-                "cross_platform_rtol": 0.0,
-                "text": "elementwise IEEE arithmetic only: identical bit for bit on every platform"}
-    if method == "hessian":
-        return {"exact": [], "bitwise": ["H"], "bitwise_everywhere": True, "cross_platform_rtol": 0.0,
-                "text": "exact inputs make every summation order exact: identical bit for bit everywhere"}
-    return {"exact": ["codes", "g_idx", "perm"], "bitwise": ["scale", "zero", "loss"], "bitwise_everywhere": False,
-            "cross_platform_rtol": 1e-9,
-            "text": "codes/g_idx/perm identical everywhere; floats bit for bit on the generating platform, "
-                    "within rtol 1e-9 where NumPy/BLAS/CPU differ (LAPACK Cholesky rounding)"}
+    """(suite, shape, name, params, slow) for every golden case of every registered suite."""
+    for suite in golden.SUITES.values():
+        for shape, name, params, slow in suite.cases():
+            if shape not in SHAPES:
+                raise ValueError(f"golden suite {suite.name}: case {name} names input shape {shape!r}; known: {SHAPES}.")
+            yield suite, shape, name, params, slow
 
 
 def npz_bytes(arrays: dict) -> bytes:
@@ -228,73 +105,114 @@ def git_commit() -> str:
         return "unknown"
 
 
+def generate(only=None, skip=frozenset(), inputs=None) -> tuple[dict, dict]:
+    """Run the reference on every case of the registered suites (``only``: these suites; ``skip``: case
+    names left out). Returns ``(files, manifest_cases)``: file bytes by relative path and manifest entries."""
+    inputs = inputs or {shape: make_inputs(shape) for shape in SHAPES}
+    files = {f"inputs/{shape}.npz": npz_bytes(arrays) for shape, arrays in inputs.items()}
+    manifest_cases = {}
+    for suite, shape, name, params, slow in case_grid():
+        case_name = f"{suite.name}/{name}"
+        if (only is not None and suite.name not in only) or case_name in skip:
+            continue
+        case = golden.GoldenCase(name=case_name, method=suite.name, file=f"{suite.name}/{name}.npz", sha256="",
+                                 params=params, rule=suite.rule(params), slow=slow)
+        t = time.time()
+        out = golden.run_case(case, inputs[shape])
+        out.pop("W_hat", None)  # derived: dequantize(codes, scale, zero)
+        files[case.file] = npz_bytes(out)
+        manifest_cases[case.name] = {"method": suite.name, "file": case.file, "input": f"inputs/{shape}.npz",
+                                     "params": params, "rule": case.rule, "slow": slow,
+                                     "sha256": hashlib.sha256(files[case.file]).hexdigest(),
+                                     "input_sha256": hashlib.sha256(files[f"inputs/{shape}.npz"]).hexdigest()}
+        print(f"{case.name:60s} {time.time() - t:6.2f}s", flush=True)
+    return files, manifest_cases
+
+
+def generator_record(t0: float) -> dict:
+    return {"tool": "tools/make_golden.py", "version": GENERATOR_VERSION, "refquant": rq.__version__,
+            "git_commit": git_commit(), "platform": golden.platform_fingerprint(), "numpy": np.__version__,
+            "seconds": round(time.time() - t0, 1)}
+
+
+def write_files(out: Path, files: dict, manifest: dict) -> None:
+    for rel, data in files.items():
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    tmp.replace(out / "manifest.json")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "golden", help="golden directory (default: golden/)")
     ap.add_argument("--check", action="store_true", help="do not write; report cases whose outputs would change")
     ap.add_argument("--methods", default=None,
-                    help="comma-separated methods: a partial golden set (for trying cases out in a temp --out; "
+                    help="comma-separated golden suites: a partial golden set (for trying cases out in a temp --out; "
                          "refused for golden/ itself)")
     args = ap.parse_args(argv)
     only = set(args.methods.split(",")) if args.methods else None
     if only is not None and (args.check or args.out.resolve() == (ROOT / "golden").resolve()):
         ap.error("--methods writes a partial golden set: use it with a temporary --out, not golden/ or --check.")
-
-    files: dict[str, bytes] = {}
-    manifest_cases = {}
-    inputs = {}
+    if only is not None and only - set(golden.SUITES):
+        ap.error(f"unknown golden suite(s) {sorted(only - set(golden.SUITES))}; registered: {sorted(golden.SUITES)}.")
     t0 = time.time()
-    for shape in ("llama4096", "odd1000", "nasty256"):
-        inputs[shape] = make_inputs(shape)
-        files[f"inputs/{shape}.npz"] = npz_bytes(inputs[shape])
-    for method, shape, name, params, slow in case_grid():
-        if only is not None and method not in only:
-            continue
-        arrays = inputs[shape]
-        case = golden.GoldenCase(name=f"{method}/{name}", method=method, file=f"{method}/{name}.npz", sha256="",
-                                 params=params, rule=rule_for(method, params), slow=slow)
-        t = time.time()
-        out = golden.run_case(case, arrays)
-        out.pop("W_hat", None)  # derived: dequantize(codes, scale, zero)
-        files[case.file] = npz_bytes(out)
-        manifest_cases[case.name] = {"method": method, "file": case.file, "input": f"inputs/{shape}.npz",
-                                     "params": params, "rule": case.rule, "slow": slow}
-        print(f"{case.name:60s} {time.time() - t:6.2f}s", flush=True)
-
-    import hashlib
-
-    for name, c in manifest_cases.items():
-        c["sha256"] = hashlib.sha256(files[c["file"]]).hexdigest()
-        c["input_sha256"] = hashlib.sha256(files[c["input"]]).hexdigest()
-    manifest = {
-        "format_version": golden.FORMAT_VERSION,
-        "generator": {"tool": "tools/make_golden.py", "version": GENERATOR_VERSION,
-                      "refquant": rq.__version__, "git_commit": git_commit(),
-                      "platform": golden.platform_fingerprint(), "numpy": np.__version__,
-                      "seconds": round(time.time() - t0, 1)},
-        "inputs": {"n_sequences": N_SEQUENCES, "x_exp": X_EXP,
-                   "note": "X = X_int * 2**-x_exp; H = refquant.hessian(X) is exact in float64 and float32"},
-        "parity_rules": PARITY_RULES,
-        "cases": manifest_cases,
-    }
+    existing = (args.out / "manifest.json").exists() and only is None
 
     if args.check:
         old = golden.load_manifest(args.out)
-        changed = [n for n, c in manifest_cases.items() if old["cases"].get(n, {}).get("sha256") != c["sha256"]]
-        print(f"{len(changed)} case(s) would change" + (": " + ", ".join(changed) if changed else ""))
+        _, manifest_cases = generate()
+        changed = [n for n, c in manifest_cases.items() if n in old["cases"] and old["cases"][n]["sha256"] != c["sha256"]]
+        missing = sorted(set(manifest_cases) - set(old["cases"]))
+        print(f"{len(changed)} case(s) would change" + (": " + ", ".join(changed) if changed else "")
+              + (f"; {len(missing)} new case(s) not yet written: {', '.join(missing)}" if missing else ""))
         return 1 if changed else 0
 
-    for rel, data in files.items():
-        path = args.out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    tmp = args.out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    tmp.replace(args.out / "manifest.json")
-    total = sum(len(d) for d in files.values())
-    print(f"wrote {len(files)} files ({total / 1e6:.2f} MB) and manifest.json in {time.time() - t0:.0f}s")
+    if not existing:  # a fresh golden set (a temporary --out, or the very first one)
+        files, manifest_cases = generate(only)
+        manifest = {"format_version": golden.FORMAT_VERSION, "generator": generator_record(t0),
+                    "inputs": {"n_sequences": N_SEQUENCES, "x_exp": X_EXP,
+                               "note": "X = X_int * 2**-x_exp; H = refquant.hessian(X) is exact in float64 and float32"},
+                    "parity_rules": {k: v for k, v in parity_rules().items() if only is None or k in only},
+                    "cases": manifest_cases}
+        write_files(args.out, files, manifest)
+        print(f"wrote {len(files)} files ({sum(len(d) for d in files.values()) / 1e6:.2f} MB) and manifest.json "
+              f"in {time.time() - t0:.0f}s")
+        return 0
+
+    # An existing golden set is a record: its files and entries never change. New cases are added beside
+    # them, each with the generator that wrote it (its platform decides where it must reproduce bit for bit).
+    manifest = golden.load_manifest(args.out)
+    rules = parity_rules()
+    changed_rules = [k for k in manifest["parity_rules"] if k in rules and rules[k] != manifest["parity_rules"][k]]
+    if changed_rules:
+        print(f"the parity rule(s) of {changed_rules} differ from the recorded ones; a recorded rule never changes. "
+              "Give the changed rule a new suite name, or restore the wiring unit's rule.", file=sys.stderr)
+        return 1
+    files, new_cases = generate(skip=frozenset(manifest["cases"]))
+    for name, entry in new_cases.items():
+        entry["generator"] = generator_record(t0)
+        input_rel = entry["input"]
+        recorded = (manifest.get("input_sha256") or {}).get(input_rel) or next(
+            (c["input_sha256"] for c in manifest["cases"].values() if c["input"] == input_rel), None)
+        if recorded is not None and recorded != entry["input_sha256"]:
+            print(f"{input_rel} would change ({entry['input_sha256'][:12]} vs recorded {recorded[:12]}); inputs are "
+                  "part of the record.", file=sys.stderr)
+            return 1
+    files = {rel: data for rel, data in files.items() if not rel.startswith("inputs/")}
+    manifest["cases"].update(new_cases)
+    manifest["parity_rules"].update({k: v for k, v in rules.items() if k not in manifest["parity_rules"]})
+    if not new_cases:
+        print(f"{args.out}: all {len(manifest['cases'])} registered cases are recorded; nothing to add "
+              "(--check regenerates them in memory and compares).")
+        return 0
+    write_files(args.out, files, manifest)
+    print(f"added {len(new_cases)} case(s) beside the {len(manifest['cases']) - len(new_cases)} recorded ones "
+          f"in {time.time() - t0:.0f}s")
     return 0
 
 

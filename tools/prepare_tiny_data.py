@@ -182,7 +182,7 @@ def _row_source(dataset: str, split: str, data_dir, load_rows: RowsLoader, max_r
         "dataset": dataset,
         "split": split,
         "loader_info": _jsonable(info),
-        "input_sha256": _maybe_sha256_file(info.get("source")),
+        "input_sha256": _maybe_sha256_file(info.get("source"), data_dir),
         "n_rows": len(rows),
         "n_rows_available": n_rows_total,
         "join": JOIN,
@@ -219,7 +219,7 @@ def _c4_source(path, max_docs: int | None) -> Source:
     prov = {
         "dataset": "c4",
         "split": "train",
-        "loader_info": {"source": str(Path(path).resolve()), "variant": "user-supplied C4 train shard (--c4-train)"},
+        "loader_info": {"source": Path(path).name, "variant": "user-supplied C4 train shard (--c4-train)"},
         "input_sha256": sha256_file(path),
         "n_documents": len(docs),
         "max_documents": max_docs,
@@ -256,7 +256,7 @@ def c4_unreachable_source(encode: Callable[[str], list[int]], data_dir=None, loa
         "dataset": "c4",
         "split": "validation (documents unreachable by the c4 and c4-new evaluation protocols)",
         "loader_info": _jsonable(info),
-        "input_sha256": _maybe_sha256_file(info.get("source")),
+        "input_sha256": _maybe_sha256_file(info.get("source"), data_dir),
         "selection": f"index >= {rqdata.C4_NEW_DOCS} (c4-new reads 0..{rqdata.C4_NEW_DOCS - 1}) and fewer than "
                      f"{seqlen} tokens (the c4 protocol only samples documents with >= {seqlen})",
         "documents": chosen,
@@ -289,10 +289,17 @@ def validation_sources(data_dir=None, load_rows: RowsLoader | None = None, max_r
     return [_row_source(d, s, data_dir, load_rows, max_rows) for d, s in VAL_SOURCES]
 
 
-def _maybe_sha256_file(path) -> str | None:
-    if isinstance(path, str) and os.path.isfile(path):
-        return sha256_file(path)
-    return None
+def _maybe_sha256_file(path, data_dir=None) -> str | None:
+    """sha256 of a loader's ``source``: a path relative to the data directory (refquant.data records no
+    absolute paths), or an absolute path; None for a source that is not a file (e.g. ``huggingface``)."""
+    if not isinstance(path, str):
+        return None
+    if not os.path.isabs(path):
+        from refquant.data import resolve_data_dir
+
+        root = resolve_data_dir(data_dir)
+        path = os.path.join(root, path) if root is not None else path
+    return sha256_file(path) if os.path.isfile(path) else None
 
 
 def _jsonable(obj):

@@ -108,6 +108,16 @@ SMOKE_HYPER = dict(seq_len=64, batch_size=8, steps=40, lr=3e-3, warmup_steps=5, 
 # model
 
 
+def _portable(path) -> str:
+    """``path`` relative to the checkout when it lies inside it, else its last component: records never
+    hold a machine's absolute paths."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(ROOT))
+    except ValueError:
+        return p.name
+
+
 def build_config(vocab_size: int, bos_token_id: int, eos_token_id: int, arch: Arch = DEFAULT_ARCH):
     """The ``LlamaConfig`` of tiny-llama3 (untied embeddings, bf16 checkpoint dtype)."""
     import inspect
@@ -407,7 +417,7 @@ def train(out: str | os.PathLike, data: str | os.PathLike = DEFAULT_DATA_OUT,
         "script_sha256": {p: sha256_file(ROOT / p) for p in
                           ("tools/train_tiny_llama.py", "tools/prepare_tiny_data.py", "tools/train_tokenizer.py")
                           if (ROOT / p).is_file()},
-        "data": {"path": str(data), "meta_sha256": sha256_file(Path(data) / "tiny-llama3-data.json"),
+        "data": {"path": _portable(data), "meta_sha256": sha256_file(Path(data) / "tiny-llama3-data.json"),
                  "train_tokens": n_train, "val_tokens": {k: int(v.size) for k, v in val_np.items()},
                  "prepared_at_git_commit": meta.get("git_commit"),
                  "train_sources": [{k: s.get(k) for k in ("dataset", "split", "input_sha256", "n_tokens")}

@@ -32,7 +32,8 @@ import numpy as np
 
 from ._checks import check_square
 from ._xp import namespace
-from .quantizer import QuantizedWeight, QuantSpec, check_weight, code_dtype, dequantize, find_params, quantize
+from .formats import QuantizedWeight
+from .quantizer import QuantSpec, check_spec, check_weight, code_dtype, dequantize, find_params, quantize
 
 log = logging.getLogger("refquant")
 
@@ -59,6 +60,16 @@ def upper_cholesky_of_inverse(H):
     return U
 
 
+def not_positive_definite_message(shape_text: str, percdamp: float, mean_diag: float) -> str:
+    """The message of :class:`HessianNotPositiveDefinite` (``shape_text``: e.g. ``"4096x4096"``)."""
+    return (
+        f"Hessian of the layer with weight shape {shape_text} is not positive definite "
+        f"after damping with percdamp={percdamp:g} (damp = {percdamp * mean_diag:.3e}, mean diag H = "
+        f"{mean_diag:.3e}). Use more or more varied calibration data, raise percdamp, or pass "
+        f"max_percdamp=... to escalate the damping step by step."
+    )
+
+
 def damped_inverse_factor(H, percdamp: float, shape: tuple[int, int], max_percdamp: float | None = None,
                           percdamp_step: float = 0.01):
     """Add relative damping to H (in place) and return ``(U, percdamp_used)``.
@@ -82,14 +93,25 @@ def damped_inverse_factor(H, percdamp: float, shape: tuple[int, int], max_percda
             nxt = current + percdamp_step
             if max_percdamp is None or nxt > max_percdamp + 1e-12:
                 raise HessianNotPositiveDefinite(
-                    f"Hessian of the layer with weight shape {shape[0]}x{shape[1]} is not positive definite "
-                    f"after damping with percdamp={current:g} (damp = {current * mean_diag:.3e}, mean diag H = "
-                    f"{mean_diag:.3e}). Use more or more varied calibration data, raise percdamp, or pass "
-                    f"max_percdamp=... to escalate the damping step by step."
+                    not_positive_definite_message(f"{shape[0]}x{shape[1]}", current, mean_diag)
                 ) from None
             log.warning("GPTQ %dx%d: Cholesky failed with percdamp=%g; retrying with percdamp=%g",
                         shape[0], shape[1], current, nxt)
             current = nxt
+
+
+def check_gptq_args(spec, blocksize, percdamp, act_order, static_groups) -> None:
+    """The arguments of :func:`gptq` besides ``W`` and ``H`` (the backends check them here too)."""
+    check_spec(spec)
+    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)) or blocksize < 1:
+        raise ValueError(f"blocksize must be an integer >= 1; got {blocksize!r}.")
+    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float, np.floating)) or not percdamp >= 0:
+        raise ValueError(f"percdamp must be a number >= 0 (a fraction of mean(diag H)); got {percdamp!r}.")
+    for flag, value in (("act_order", act_order), ("static_groups", static_groups)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{flag} must be True or False; got {value!r}.")
+    if static_groups and spec.group_size is None:
+        raise ValueError("static_groups=True needs a group_size.")
 
 
 def gptq(W, H, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False,
@@ -115,16 +137,8 @@ def gptq(W, H, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01, ac
     xp = namespace(W, H)
     rows, columns = W.shape
     check_square(H, columns, "H")
-    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)) or blocksize < 1:
-        raise ValueError(f"blocksize must be an integer >= 1; got {blocksize!r}.")
-    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float, np.floating)) or not percdamp >= 0:
-        raise ValueError(f"percdamp must be a number >= 0 (a fraction of mean(diag H)); got {percdamp!r}.")
-    for flag, value in (("act_order", act_order), ("static_groups", static_groups)):
-        if not isinstance(value, (bool, np.bool_)):
-            raise ValueError(f"{flag} must be True or False; got {value!r}.")
+    check_gptq_args(spec, blocksize, percdamp, act_order, static_groups)
     gs, maxq = spec.group_size, spec.maxq
-    if static_groups and gs is None:
-        raise ValueError("static_groups=True needs a group_size.")
     W = W.astype(xp.float64, copy=True)
     H = H.astype(xp.float64, copy=True)
 

@@ -29,7 +29,8 @@ from ._checks import check_finite, check_matrix
 from ._xp import namespace
 from .actquant import quantize_activation
 from .equalize import check_activations, check_weights, fold_into_norm, scale_weights
-from .quantizer import QuantizedWeight, QuantSpec
+from .formats import QuantizedWeight
+from .quantizer import QuantSpec
 from .rtn import rtn
 
 DEFAULT_ALPHA = 0.5
@@ -152,71 +153,3 @@ def fake_quant_linear(x, W_hat, a_bits: int = 8, act_quant: str = "per_token", b
     if quantize_output:
         y = quantize_activation(y, a_bits, act_quant)
     return y
-
-
-# =============================================================================================
-# Layer-level method for the pipeline (``refquant quantize --method smoothquant``)
-# =============================================================================================
-
-from . import pipeline as _pl  # noqa: E402  (pipeline does not import this module at load time)
-
-
-class SmoothQuantMethod(_pl.Method):
-    """SmoothQuant on one LLaMA decoder layer (``smooth_lm`` + ``quantize_llama_like``).
-
-    1. One calibration pass through the FP layer: per-channel ``max |x|`` of the ``q_proj`` input
-       (``attn_in``) and the ``gate_proj`` input (``mlp_in``) -- and of ``o_in`` / ``down_in`` too
-       for ``act_mode="per_tensor_static"``.
-    2. The two LLaMA smoothing sites: ``input_layernorm -> q/k/v`` and
-       ``post_attention_layernorm -> gate/up``; ``s`` = :func:`smooth_scales` with ``config.alpha``
-       (0.85 for LLaMA), ``gamma / s`` and ``W[:, j] * s_j``. ``o_proj`` and ``down_proj`` are not
-       smoothed.
-    3. All seven linears: per-output-channel absmax weights (``QuantSpec(wbits, rule="absmax")``,
-       ``quantize_weight_per_channel_absmax``); activations of every linear per token
-       (:meth:`refquant.pipeline.Method.choose_act_quant`: ``abits``, ``act_mode``;
-       ``quantize_bmm_input`` also quantizes the q/k/v outputs, the original's W8A8 recipe).
-
-    The next layer's inputs come from the FP layer (``propagate = "fp"``): the original computes
-    the activation scales of every layer on the FP model in one pass before smoothing.
-    """
-
-    name = "smoothquant"
-    propagate = "fp"
-
-    @staticmethod
-    def weight_spec(config) -> QuantSpec:
-        """Per-output-channel symmetric absmax (the original's only weight granularity for LLaMA).
-
-        ``group_size`` and ``sym`` do not apply (the absmax grid is symmetric by construction);
-        ``wbits`` is the weight width (``--wbits 8 --abits 8`` for W8A8).
-        """
-        return QuantSpec(bits=config.wbits, rule="absmax")
-
-    def first_statistics(self, ctx) -> dict:
-        cfg = ctx.config
-        static = cfg.abits != 16 and cfg.act_mode == "per_tensor_static"
-        return {g: ("absmax",) for g in (tuple(_pl.INPUT_LINEARS) if static else tuple(_pl.NORM_OF))}
-
-    def quantize_layer(self, ctx) -> None:
-        cfg, ops = ctx.config, ctx.ops
-        requests = self.first_statistics(ctx)
-        groups = tuple(requests)
-        stats = ctx.collect(requests)
-        absmax = {g: ops.to_numpy(stats[g].absmax).astype("float64") for g in groups}
-        info = ctx.info.setdefault("smoothquant", {"alpha": float(cfg.alpha)})
-        for group, norm in _pl.NORM_OF.items():
-            names = _pl.INPUT_LINEARS[group]
-            s = ops.smooth_scales(absmax[group], [ctx.get(n) for n in names], cfg.alpha)
-            ctx.set(norm, ops.fold_into_norm(ctx.get(norm), s))
-            for n in names:
-                ctx.set(n, ops.scale_weight(ctx.get(n), s))
-            s_host = ops.to_numpy(s).astype("float64")
-            absmax[group] = absmax[group] / s_host  # the smoothed input's absmax (static activation scales)
-            info[group] = {"s_min": float(s_host.min()), "s_max": float(s_host.max())}
-        spec = cfg.weight_spec()
-        for n in _pl.llama.LINEARS:
-            ctx.set_quantized(n, ops.rtn(ctx.get(n), spec))
-        self.choose_act_quant(ctx, absmax)
-
-
-_pl.register_method(SmoothQuantMethod())

@@ -20,6 +20,26 @@ from ._checks import check_finite
 from ._xp import namespace
 
 
+def check_batch(X, in_features: int) -> None:
+    """Shape of a calibration batch: (batch, tokens, in_features) or (tokens, in_features), not empty.
+
+    Finiteness is checked separately (the torch backend checks it on the accumulator's device).
+    Takes NumPy, CuPy and torch arrays.
+    """
+    if not hasattr(X, "ndim") or X.ndim < 2:
+        raise ValueError(
+            f"calibration input must be (batch, tokens, in_features) or (tokens, in_features); "
+            f"got shape {tuple(X.shape) if hasattr(X, 'shape') else None}."
+        )
+    if X.shape[-1] != in_features:
+        raise ValueError(
+            f"calibration input has {X.shape[-1]} features but this Hessian is for in_features="
+            f"{in_features}; hook the input of the same linear layer."
+        )
+    if math.prod(X.shape) == 0:
+        raise ValueError(f"calibration input is empty (shape {tuple(X.shape)}).")
+
+
 class HessianAccumulator:
     """Streaming GPTQ Hessian, float64 in the reference.
 
@@ -35,18 +55,7 @@ class HessianAccumulator:
         self.nsamples = 0
 
     def add_batch(self, X) -> None:
-        if not hasattr(X, "ndim") or X.ndim < 2:
-            raise ValueError(
-                f"calibration input must be (batch, tokens, in_features) or (tokens, in_features); "
-                f"got shape {getattr(X, 'shape', None)}."
-            )
-        if X.shape[-1] != self.in_features:
-            raise ValueError(
-                f"calibration input has {X.shape[-1]} features but this Hessian is for in_features="
-                f"{self.in_features}; hook the input of the same linear layer."
-            )
-        if X.size == 0:
-            raise ValueError(f"calibration input is empty (shape {tuple(X.shape)}).")
+        check_batch(X, self.in_features)
         check_finite(X, "calibration input X")
         batch = 1 if X.ndim == 2 else X.shape[0]
         X = X.reshape(-1, self.in_features).astype(self.H.dtype)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from ._checks import check_finite, check_matrix
 from ._xp import namespace
 from .equalize import check_activations, check_scales, check_weights
+from .llama import DOWN, GATE, K, O, Q, UP, V
 from .quantizer import QuantSpec, group_slices
 from .rtn import rtn
 
@@ -57,6 +58,25 @@ CLIP_ERR_INIT = 1e9
 def _check_spec(spec):
     if not isinstance(spec, QuantSpec):
         raise ValueError(f"spec must be a refquant.QuantSpec (llm-awq: QuantSpec(bits, group_size=128, rule='awq')); got {type(spec).__name__}.")
+
+
+def check_grid(n_grid) -> int:
+    """``n_grid`` of the scale and clip searches: a positive integer; returned as an ``int``."""
+    if isinstance(n_grid, bool) or int(n_grid) != n_grid or n_grid < 1:
+        raise ValueError(f"n_grid must be a positive integer; got {n_grid!r}.")
+    return int(n_grid)
+
+
+def check_clip_args(spec, n_grid, max_shrink, n_sample_tokens) -> None:
+    """The arguments of :func:`search_clip` besides ``X`` and ``W`` (the backends check them here too)."""
+    _check_spec(spec)
+    if spec.per_tensor:
+        raise ValueError("search_clip clips per (row, group); a per-tensor spec couples all groups. Use group_size or per-row.")
+    check_grid(n_grid)
+    if not 0 < float(max_shrink) <= 1:
+        raise ValueError(f"max_shrink must be in (0, 1]; got {max_shrink!r}.")
+    if isinstance(n_sample_tokens, bool) or int(n_sample_tokens) != n_sample_tokens or n_sample_tokens < 1:
+        raise ValueError(f"n_sample_tokens must be a positive integer; got {n_sample_tokens!r}.")
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -175,8 +195,7 @@ def search_scale(X, Ws: Sequence, spec: QuantSpec, block: Callable | None = None
     n = check_weights(Ws)
     check_activations(X, n)
     _check_spec(spec)
-    if isinstance(n_grid, bool) or int(n_grid) != n_grid or n_grid < 1:
-        raise ValueError(f"n_grid must be a positive integer; got {n_grid!r}.")
+    check_grid(n_grid)
     block = linear_block if block is None else block
     xp = namespace(X, *Ws)
     X = X.astype(xp.float64)  # a copy: the caller's X is never touched
@@ -262,15 +281,7 @@ def search_clip(X, W, spec: QuantSpec, n_grid: int = CLIP_N_GRID, max_shrink: fl
     """
     check_matrix(W, "W")
     check_activations(X, W.shape[1])
-    _check_spec(spec)
-    if spec.per_tensor:
-        raise ValueError("search_clip clips per (row, group); a per-tensor spec couples all groups. Use group_size or per-row.")
-    if isinstance(n_grid, bool) or int(n_grid) != n_grid or n_grid < 1:
-        raise ValueError(f"n_grid must be a positive integer; got {n_grid!r}.")
-    if not 0 < float(max_shrink) <= 1:
-        raise ValueError(f"max_shrink must be in (0, 1]; got {max_shrink!r}.")
-    if isinstance(n_sample_tokens, bool) or int(n_sample_tokens) != n_sample_tokens or n_sample_tokens < 1:
-        raise ValueError(f"n_sample_tokens must be a positive integer; got {n_sample_tokens!r}.")
+    check_clip_args(spec, n_grid, max_shrink, n_sample_tokens)
     xp = namespace(X, W)
     W = W.astype(xp.float64)
     tokens = X.reshape(-1, X.shape[-1]).astype(xp.float64)
@@ -297,12 +308,7 @@ def search_clip(X, W, spec: QuantSpec, n_grid: int = CLIP_N_GRID, max_shrink: fl
     return ClipSearchResult(max_val=best_max_val, losses=losses)
 
 
-# =============================================================================================
-# Layer-level method for the pipeline (``refquant quantize --method awq``)
-# =============================================================================================
-
-
-from . import pipeline as _pl  # noqa: E402  (pipeline does not import this module at load time)
+# ----------------------------------------------------------------------------- LLaMA scaling groups
 
 
 @dataclass(frozen=True)
@@ -321,181 +327,12 @@ class ScalingGroup:
 
 
 LLAMA_GROUPS = (
-    ScalingGroup("attn_in", "input_layernorm", (_pl.Q, _pl.K, _pl.V), "attn", True),
-    ScalingGroup("o_in", _pl.V, (_pl.O,), None, False),  # only when v_proj and o_proj shapes match (no GQA)
-    ScalingGroup("mlp_in", "post_attention_layernorm", (_pl.GATE, _pl.UP), "mlp", True),
-    ScalingGroup("down_in", _pl.UP, (_pl.DOWN,), None, False),
+    ScalingGroup("attn_in", "input_layernorm", (Q, K, V), "attn", True),
+    ScalingGroup("o_in", V, (O,), None, False),  # only when v_proj and o_proj shapes match (no GQA)
+    ScalingGroup("mlp_in", "post_attention_layernorm", (GATE, UP), "mlp", True),
+    ScalingGroup("down_in", UP, (DOWN,), None, False),
 )
 """``auto_scale_block`` for ``LlamaDecoderLayer``, in the original's order."""
 
-CLIPPED = (_pl.V, _pl.O, _pl.GATE, _pl.UP, _pl.DOWN)
+CLIPPED = (V, O, GATE, UP, DOWN)
 """``auto_clip_block`` skips names containing ``q_`` / ``k_``: q_proj and k_proj are never clipped."""
-
-
-def _shape(W):
-    return tuple(int(d) for d in W.shape)
-
-
-def _cat(parts):
-    if type(parts[0]).__module__.startswith("torch"):
-        import torch
-
-        return torch.cat(parts, dim=0)
-    import numpy as np
-
-    return np.concatenate(parts, axis=0)
-
-
-def _copy(x):
-    return x.clone() if type(x).__module__.startswith("torch") else x.copy()
-
-
-class AWQMethod(_pl.Method):
-    """AWQ on one LLaMA decoder layer (``run_awq``: ``auto_scale_block``, ``apply_scale``,
-    ``auto_clip_block``, ``apply_clip``, then ``pseudo_quantize_model_weight``).
-
-    1. One calibration pass through the FP layer keeps the inputs of the norm-fed groups (q/k/v,
-       gate/up: their search compares the whole attention / MLP) and the statistics the backend
-       needs for the single-linear groups (``ops.awq_linear_stats()``: the inputs for the
-       reference; Gram + mean |x| for torch, which never keeps the 4x wider ``down_proj`` input).
-    2. Every scaling group of :data:`LLAMA_GROUPS` is searched on the unmodified layer
-       (:func:`search_scale`, ``config.duo_scaling`` picks the formula); ``v_proj -> o_proj`` only
-       when the two weights have the same shape (skipped under GQA, as the original).
-    3. All scales are applied (norm ``gamma / s`` or previous linear's rows ``/ s``; columns ``* s``).
-    4. ``config.awq_clip``: one more pass through the scaled (still FP) layer keeps ~512 strided
-       tokens of each input -- exactly the tokens :func:`search_clip` samples, so the inputs are the
-       original's ``X / s`` -- and v/o/gate/up/down are clipped (:func:`search_clip`, :func:`apply_clip`).
-    5. Every linear is quantized with ``QuantSpec(wbits, group_size, rule="awq")`` (RTN).
-
-    Next-layer inputs come from the FP layer (``propagate = "fp"``), as in the original.
-    ``config.awq_search_samples`` (opt-in, not the original's protocol) replays only the first that
-    many calibration sequences in the attention / MLP searches -- the bulk of the cost.
-    """
-
-    name = "awq"
-    propagate = "fp"
-
-    @staticmethod
-    def weight_spec(config) -> QuantSpec:
-        """llm-awq ``pseudo_quantize_tensor`` (zero point, raw group min/max) with ``wbits``/``group_size``."""
-        if config.sym:
-            raise ValueError("awq: llm-awq's quantizer is asymmetric only (zero_point=True; its symmetric branch does "
-                             "not run); drop --sym.")
-        if config.abits != 16:
-            raise ValueError(f"awq is weight-only; got abits={config.abits}. Use --abits 16 (or smoothquant/aweq for "
-                             "activation quantization).")
-        return QuantSpec(bits=config.wbits, group_size=config.group_size, rule="awq")
-
-    @staticmethod
-    def groups(ctx) -> list:
-        """The scaling groups applied to this layer (``v_proj -> o_proj`` only without GQA)."""
-        same = _shape(ctx.get(_pl.V)) == _shape(ctx.get(_pl.O))
-        return [g for g in LLAMA_GROUPS if g.input != "o_in" or same]
-
-    def quantize_layer(self, ctx) -> None:
-        cfg, ops = ctx.config, ctx.ops
-        spec = cfg.weight_spec()
-        groups = self.groups(ctx)
-        info = ctx.info.setdefault("awq", {"groups": {}, "v_to_o": any(g.input == "o_in" for g in groups)})
-        n_sequences = int(ctx.inputs.shape[0])
-        chunk = getattr(ctx.runner, "batch_size", None)
-
-        # 1-2. search every group on the FP layer
-        stats = ctx.collect(self.first_statistics(ctx))
-        scales = {}
-        for g in groups:
-            Ws = [ctx.get(n) for n in g.linears]
-            if g.block is not None:
-                X = stats[g.input].inputs
-                if cfg.awq_search_samples is not None and cfg.awq_search_samples < int(X.shape[0]):
-                    X = _copy(X[:cfg.awq_search_samples])  # opt-in search budget (not the original's protocol)
-                    info["search_sequences"] = int(X.shape[0])
-                stats[g.input] = None  # only the concatenated inputs stay alive during the search
-                res = ops.awq_search_scale(X, Ws, spec, block=self._block(ctx, g), n_grid=N_GRID,
-                                           duo_scaling=cfg.duo_scaling, chunk=chunk)
-                del X
-            else:
-                res = ops.awq_search_scale_stats(stats[g.input], Ws, spec, n_grid=N_GRID, duo_scaling=cfg.duo_scaling,
-                                                 n_sequences=n_sequences)
-                stats[g.input] = None
-            scales[g.input] = res.scales
-            info["groups"][g.input] = {"ratio": float(res.best_ratio), "loss": float(res.best_loss),
-                                       "loss_ratio0": float(res.losses[0]),
-                                       "losses": [float(v) for v in res.losses]}
-        del stats
-
-        # 3. apply all scales
-        for g in groups:
-            s = scales[g.input]
-            if g.prev_is_norm:
-                ctx.set(g.prev, ops.fold_into_norm(ctx.get(g.prev), s))
-            else:
-                W_prev, b_prev = ops.fold_into_linear(ctx.get(g.prev), s, ctx.get(g.prev + ".bias"))
-                ctx.set(g.prev, W_prev)
-                if b_prev is not None:
-                    ctx.set(g.prev + ".bias", b_prev)
-            for n in g.linears:
-                ctx.set(n, ops.scale_weight(ctx.get(n), s))
-
-        # 4. clip search on X / s (a pass through the scaled FP layer)
-        if cfg.awq_clip and not spec.per_tensor:
-            inputs = sorted({_pl.INPUT_OF[n] for n in CLIPPED}, key=list(_pl.INPUT_LINEARS).index)
-            X_sub = self.sampled_inputs(ctx, {g: _pl.INPUT_LINEARS[g][0] for g in inputs}, CLIP_N_SAMPLE_TOKENS)
-            info["clip_tokens"] = {g: int(X.shape[0]) for g, X in X_sub.items()}
-            for n in CLIPPED:
-                X = X_sub[_pl.INPUT_OF[n]]
-                res = ops.awq_search_clip(X, ctx.get(n), spec, n_grid=CLIP_N_GRID, max_shrink=CLIP_MAX_SHRINK,
-                                          n_sample_tokens=int(X.shape[0]))  # X is already the strided sample
-                ctx.set(n, ops.apply_clip(ctx.get(n), res.max_val, spec.group_size))
-            del X_sub
-
-        # 5. RTN with the AWQ quantizer
-        for n in _pl.llama.LINEARS:
-            ctx.set_quantized(n, ops.rtn(ctx.get(n), spec))
-
-    def first_statistics(self, ctx) -> dict:
-        """What the scale searches need from the FP layer: kept inputs of the norm-fed groups (their
-        compared module is the whole attention / MLP), the backend's statistics for single linears."""
-        return {g.input: ("inputs",) if g.block else tuple(ctx.ops.awq_linear_stats()) for g in self.groups(ctx)}
-
-    @staticmethod
-    def _block(ctx, g: ScalingGroup):
-        names = g.linears
-
-        def block(X, weights):
-            return ctx.runner.block(ctx.layer, g.block, X, dict(zip(names, weights)))
-
-        return block
-
-    @staticmethod
-    def sampled_inputs(ctx, first_linear: dict, n_sample_tokens: int) -> dict:
-        """Run the layer as it is now and keep, per input group, the tokens ``search_clip`` samples.
-
-        ``first_linear`` maps a group to the linear whose input is recorded. Tokens are counted in
-        the order of the concatenated calibration inputs (sequence by sequence), and token ``t`` is
-        kept iff ``t % stride == 0`` with ``stride = max(1, N // n_sample_tokens)`` -- the rows
-        ``X.reshape(-1, C)[0::stride]`` of the reference -- so at most ~``n_sample_tokens`` rows per
-        group are ever kept.
-        """
-        n_tokens = int(ctx.inputs.shape[0]) * int(ctx.inputs.shape[1])
-        stride = max(1, n_tokens // int(n_sample_tokens))
-        wanted = {name: group for group, name in first_linear.items()}
-        kept = {g: [] for g in first_linear}
-        seen = {g: 0 for g in first_linear}
-
-        def on_input(name, x):
-            g = wanted.get(name)
-            if g is not None:
-                flat = x.reshape(-1, x.shape[-1])
-                start = (-seen[g]) % stride
-                kept[g].append(_copy(flat[start::stride]))
-                seen[g] += int(flat.shape[0])
-            return x
-
-        hooks = _pl.llama.LinearHooks(on_input=on_input)
-        with ctx.timer.stage("calibration_forward"):
-            ctx.runner.forward(ctx.layer, ctx.inputs, hooks, keep_output=False)  # no output buffer
-        return {g: _cat(parts) for g, parts in kept.items()}
-
-
-_pl.register_method(AWQMethod())

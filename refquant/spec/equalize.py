@@ -26,6 +26,7 @@ All functions are pure (they return new arrays) and compute in float64.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from ._checks import check_finite, check_matrix
@@ -81,7 +82,7 @@ def check_activations(X, in_features: int | None, name: str = "X"):
             f"{name} must be an array of shape (..., in_features), e.g. (tokens, in_features); "
             f"got {getattr(X, 'shape', type(X).__name__)}."
         )
-    if X.size == 0:
+    if math.prod(X.shape) == 0:  # (not X.size: a method of torch tensors, which the backends check here too)
         raise ValueError(f"{name} is empty (shape {tuple(X.shape)}); calibration needs at least one token.")
     if in_features is not None and X.shape[-1] != in_features:
         raise ValueError(

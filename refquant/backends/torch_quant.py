@@ -1,28 +1,29 @@
-"""The "torch" backend: the reference's algorithms in float32 torch, fast on CUDA (H200), exact on CPU.
+"""QuantOps and GPTQOps of the "torch" backend: the reference's algorithms in float32/float64 torch.
 
-* Quantizer: the three range rules of :mod:`refquant.quantizer` (gptq / awq / absmax, MSE search,
+* Quantizer: the three range rules of :mod:`refquant.spec.quantizer` (gptq / awq / absmax, MSE search,
   per-tensor), written once here for torch tensors (reducing over the last dim, so that all groups
-  of a matrix are one call).
-* RTN: :func:`refquant.rtn` in fp32.
+  of a matrix are one call); the AWQ searches of :mod:`.equalization_ops` use them too.
+* RTN: :func:`refquant.spec.rtn.rtn` in fp32.
 * Hessian: streaming ``H = 2/n_sequences * sum x x^T`` in fp32 (bf16/fp16 inputs: bf16 GEMM with
   fp32 output on CUDA when torch has ``out_dtype``, else upcast per chunk).
-* GPTQ: :func:`refquant.gptq` step for step (dead columns, relative damping, stable act-order
+* GPTQ: :func:`refquant.spec.gptq.gptq` step for step (dead columns, relative damping, stable act-order
   permutation, static groups, group params from W rather than the block buffer, per-channel params
-  from the full rows before dead zeroing, the same escalation and error type), with:
+  from the full rows before dead zeroing, the same argument checks, escalation and error type), with:
   ``U = P inv(chol(P H P)) P`` (one Cholesky + one triangular inverse), all group params that start
   in a block computed at the block start, the intra-block loop as one Triton launch per block
-  (:mod:`backends.gptq_kernels`; plain torch ops on CPU), and the lazy update as an fp32 matmul.
+  (:mod:`.gptq_kernels`; plain torch ops on CPU), and the lazy update as an fp32 matmul.
 
 fp32 matmuls run with TF32/bf16 internal precision off (:func:`ieee_fp32`, which only touches the
-flags when they are not already IEEE and restores them exactly). See ``docs/backends.md``.
+flags when they are not already IEEE and restores them exactly). :class:`TorchQuantOps` and
+:class:`TorchGPTQOps` are the mixins of :class:`refquant.backends.torch_backend.TorchBackend`
+(protocols :class:`~refquant.backends.protocols.QuantOps`, :class:`~refquant.backends.protocols.GPTQOps`).
+See ``docs/backends.md``.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
-import statistics
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,32 +37,34 @@ except ImportError as e:  # pragma: no cover - depends on the machine
         "the 'torch' backend needs PyTorch: pip install torch (CPU wheel: pip install 'refquant[torch]')."
     ) from e
 
-from refquant._checks import check_finite as _check_finite
-from refquant._checks import check_matrix as _check_matrix
-from refquant._checks import check_square as _check_square
-from refquant.gptq import HessianNotPositiveDefinite
-from refquant.quantizer import QuantizedWeight, QuantSpec
+from ..spec._checks import check_finite, check_matrix, check_square
+from ..spec.formats import QuantizedWeight
+from ..spec.gptq import HessianNotPositiveDefinite, check_gptq_args, not_positive_definite_message
+from ..spec.hessian import check_batch
+from ..spec.quantizer import QuantSpec, check_spec
 
-from . import Backend, gptq_kernels
-from .numpy_backend import check_shared
+from . import gptq_kernels
+from .numpy_quant import check_shared
 
 log = logging.getLogger("refquant")
 
 __all__ = [
-    "TorchBackend",
+    "TorchQuantOps",
+    "TorchGPTQOps",
     "TorchHessianAccumulator",
     "find_params",
     "group_params",
     "quantize",
     "dequantize",
+    "div_exact",
     "upper_cholesky_of_inverse",
+    "work_dtype",
     "ieee_fp32",
-    "benchmark_gptq",
 ]
 
 
 # --------------------------------------------------------------------------------------------
-# Input validation (the torch twin of refquant._checks: same conditions, same messages)
+# Inputs (validation: refquant.spec's checks, which take torch tensors)
 # --------------------------------------------------------------------------------------------
 
 def _as_tensor(x, name: str):
@@ -74,15 +77,10 @@ def _as_tensor(x, name: str):
     raise ValueError(f"{name} must be a torch tensor (or a NumPy/CuPy array); got {type(x).__name__}.")
 
 
-def _check_spec(spec) -> None:
-    if not isinstance(spec, QuantSpec):
-        raise ValueError(f"spec must be a refquant.QuantSpec; got {type(spec).__name__}.")
-
-
 def _weight_fp32(W, name: str = "W", device=None, dtype=torch.float32):
     """Validated float32 (or ``dtype``) copy of a weight (never aliases the caller's tensor)."""
     W = _as_tensor(W, name)
-    _check_matrix(W, name)
+    check_matrix(W, name)
     if not W.is_floating_point():
         W = W.double()
     return W.to(device=device if device is not None else W.device, dtype=dtype, copy=True)
@@ -336,23 +334,12 @@ class TorchHessianAccumulator:
 
     def add_batch(self, X) -> None:
         X = _as_tensor(X, "calibration input X") if not isinstance(X, torch.Tensor) else X.detach()
-        if X.ndim < 2:
-            raise ValueError(
-                f"calibration input must be (batch, tokens, in_features) or (tokens, in_features); "
-                f"got shape {tuple(X.shape)}."
-            )
-        if X.shape[-1] != self.in_features:
-            raise ValueError(
-                f"calibration input has {X.shape[-1]} features but this Hessian is for in_features="
-                f"{self.in_features}; hook the input of the same linear layer."
-            )
-        if X.numel() == 0:
-            raise ValueError(f"calibration input is empty (shape {tuple(X.shape)}).")
+        check_batch(X, self.in_features)  # the reference's shape checks; finiteness below, on the device
         batch = 1 if X.ndim == 2 else int(X.shape[0])
         X = X.to(self.device).reshape(-1, self.in_features)
         if not X.is_floating_point():
             X = X.double()
-        _check_finite(X, "calibration input X")
+        check_finite(X, "calibration input X")
         beta = self.nsamples / (self.nsamples + batch)
         self.nsamples += batch
         alpha = 2 / self.nsamples
@@ -432,15 +419,6 @@ def _upper_from_reversed(make_A):
     return U
 
 
-def _not_pd_message(shape_text: str, current: float, mean_diag: float) -> str:
-    return (
-        f"Hessian of the layer with weight shape {shape_text} is not positive definite "
-        f"after damping with percdamp={current:g} (damp = {current * mean_diag:.3e}, mean diag H = "
-        f"{mean_diag:.3e}). Use more or more varied calibration data, raise percdamp, or pass "
-        f"max_percdamp=... to escalate the damping step by step."
-    )
-
-
 @dataclass
 class _Prepared:
     """What GPTQ derives from H alone (shared by every matrix quantized with it)."""
@@ -462,7 +440,7 @@ def _prepare(H, cols: int, device, percdamp: float, act_order: bool, max_percdam
     Cholesky regathers it with the next damping.
     """
     H = _as_tensor(H, "H")
-    _check_square(H, cols, "H")
+    check_square(H, cols, "H")
     src = H.to(device)  # the caller's matrix (no copy when already there); only read below
     work = work_dtype(cols)
     diag0 = src.diagonal().to(work).double()  # the diagonal as the working copy holds it
@@ -490,7 +468,7 @@ def _prepare(H, cols: int, device, percdamp: float, act_order: bool, max_percdam
             return _Prepared(U, perm, dead, any_dead, current)
         nxt = current + percdamp_step
         if max_percdamp is None or nxt > max_percdamp + 1e-12:
-            raise HessianNotPositiveDefinite(_not_pd_message(shape_text, current, mean_diag))
+            raise HessianNotPositiveDefinite(not_positive_definite_message(shape_text, current, mean_diag))
         log.warning("GPTQ %s: Cholesky failed with percdamp=%g; retrying with percdamp=%g", shape_text, current, nxt)
         current = nxt
 
@@ -553,16 +531,6 @@ def _gptq_rows(W, prep: _Prepared, spec: QuantSpec, blocksize: int, static_group
     return codes, S, Z, gidx, row_loss
 
 
-def _check_gptq_args(spec, blocksize, percdamp, static_groups):
-    _check_spec(spec)
-    if int(blocksize) < 1:
-        raise ValueError(f"blocksize must be >= 1; got {blocksize}.")
-    if not percdamp >= 0:
-        raise ValueError(f"percdamp must be >= 0; got {percdamp}.")
-    if static_groups and spec.group_size is None:
-        raise ValueError("static_groups=True needs a group_size.")
-
-
 def _result(codes, S, Z, gidx, spec, loss: float, prep: _Prepared, cols: int) -> QuantizedWeight:
     perm = prep.perm if prep.perm is not None else torch.arange(cols, device=codes.device)
     # stored as float32 (the working copy may be float64): codes uint8 + fp32 scale/zero per (row, group)
@@ -570,10 +538,12 @@ def _result(codes, S, Z, gidx, spec, loss: float, prep: _Prepared, cols: int) ->
                            info={"loss": loss, "percdamp": prep.percdamp, "perm": perm})
 
 
-class TorchBackend(Backend):
-    """refquant's algorithms in float32 torch on CPU or CUDA (Triton block kernel on CUDA)."""
+# --------------------------------------------------------------------------------------------
+# The operation families (mixins of TorchBackend)
+# --------------------------------------------------------------------------------------------
 
-    name = "torch"
+class TorchQuantOps:
+    """:class:`~refquant.backends.protocols.QuantOps` in torch: RTN in float32 and tensor <-> NumPy moves."""
 
     @staticmethod
     def asarray(x, device=None, dtype=None):
@@ -581,10 +551,9 @@ class TorchBackend(Backend):
         t = _as_tensor(x, "x")
         return t.to(device=device if device is not None else t.device, dtype=dtype or t.dtype)
 
-    # ---- RTN -------------------------------------------------------------------------------
     def rtn(self, W, spec: QuantSpec) -> QuantizedWeight:
         """:func:`refquant.rtn` in float32: codes uint8, scale/zero fp32 (rows, n_groups), g_idx int64."""
-        _check_spec(spec)
+        check_spec(spec)
         with torch.no_grad():
             W = _weight_fp32(W)
             rows, cols = W.shape
@@ -599,7 +568,21 @@ class TorchBackend(Backend):
                 cols, dtype=torch.int64, device=W.device)
             return QuantizedWeight(codes, S.contiguous(), Z.contiguous(), g_idx, spec)
 
-    # ---- Hessian ---------------------------------------------------------------------------
+    def to_numpy(self, x):
+        """A NumPy array of ``x`` (bf16/fp16 tensors as float32, which holds them exactly)."""
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu()
+            return (x.float() if x.dtype in (torch.bfloat16, torch.float16) else x).numpy()
+        return np.asarray(x)
+
+    def like(self, a, ref):
+        """A float32 tensor of ``a`` on ``ref``'s device (small vectors back from the reference)."""
+        return torch.as_tensor(np.asarray(a), dtype=torch.float32, device=ref.device)
+
+
+class TorchGPTQOps:
+    """:class:`~refquant.backends.protocols.GPTQOps` in torch: float32 Hessians, GPTQ in :func:`work_dtype`."""
+
     def hessian(self, X):
         """:func:`refquant.hessian` in float32 on X's device."""
         X = _as_tensor(X, "X")
@@ -614,7 +597,6 @@ class TorchBackend(Backend):
     def hessian_accumulator(self, in_features: int, device=None) -> TorchHessianAccumulator:
         return TorchHessianAccumulator(in_features, device)
 
-    # ---- GPTQ ------------------------------------------------------------------------------
     def gptq(self, W, H, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False,
              static_groups: bool = False, *, max_percdamp: float | None = None, percdamp_step: float = 0.01,
              use_triton: bool | None = None) -> QuantizedWeight:
@@ -624,7 +606,7 @@ class TorchBackend(Backend):
         True = Triton or fail. Returns codes uint8, scale/zero fp32, g_idx int64; ``info`` has
         ``loss`` (float), ``percdamp`` and ``perm`` (int64 tensor).
         """
-        _check_gptq_args(spec, blocksize, percdamp, static_groups)
+        check_gptq_args(spec, blocksize, percdamp, act_order, static_groups)
         with torch.no_grad(), ieee_fp32():
             W = _weight_fp32(W)
             W = W.to(work_dtype(W.shape[1]))
@@ -642,7 +624,7 @@ class TorchBackend(Backend):
         given U) and split again. ``per_tensor`` specs couple the rows of a matrix, so those loop
         over the matrices (still with one factorization). Equal to separate :meth:`gptq` calls.
         """
-        _check_gptq_args(spec, blocksize, percdamp, static_groups)
+        check_gptq_args(spec, blocksize, percdamp, act_order, static_groups)
         cols = check_shared(Ws)
         with torch.no_grad(), ieee_fp32():
             device = _as_tensor(Ws[0], "Ws[0]").device
@@ -664,63 +646,3 @@ class TorchBackend(Backend):
                 _result(c.contiguous(), s.contiguous(), z.contiguous(), gidx, spec, loss, prep, cols)
                 for c, s, z, loss in zip(codes.split(sizes), S.split(sizes), Z.split(sizes), losses)
             ]
-
-
-# --------------------------------------------------------------------------------------------
-# Micro-benchmark (for tools/bench.py; not a test)
-# --------------------------------------------------------------------------------------------
-
-def benchmark_gptq(rows: int, cols: int, group_size: int | None = 128, device="cuda", *, bits: int = 4,
-                   act_order: bool = False, blocksize: int = 128, repeats: int = 3, use_triton: bool | None = None,
-                   seed: int = 0, detail: bool = False):
-    """Median wall time in seconds of one ``TorchBackend().gptq`` call on a (rows, cols) layer.
-
-    W ~ N(0, 0.02^2); H = B B^T / r + diag, a rank-r factor model with lognormal channel scales
-    (cheap to build at 28672 columns; dense, correlated, positive definite). One warm-up call
-    (Triton compilation) is not timed. Uses a private generator: the global RNG is untouched.
-    ``detail=True`` returns ``{"total", "factor", "blocks"}`` (medians): the whole call, the H
-    preparation (damping, U) and the block loop (kernel + lazy updates) timed separately.
-    """
-    device = torch.device(device)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    r = min(256, cols)
-    with torch.no_grad():
-        W = (torch.randn(rows, cols, generator=gen) * 0.02).to(device)
-        B = torch.randn(cols, r, generator=gen).to(device)
-        scales = torch.exp(torch.randn(cols, generator=gen) * 0.5).to(device)
-        with ieee_fp32():
-            H = (B @ B.t()) / r
-        H.diagonal().add_(0.1)
-        H = scales[:, None] * H * scales[None, :]
-    spec = QuantSpec(bits=bits, group_size=group_size)
-    be = TorchBackend()
-
-    def once():
-        be.gptq(W, H, spec, blocksize=blocksize, act_order=act_order, use_triton=use_triton)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    once()
-    times, factor, blocks = [], [], []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
-        if detail:
-            with torch.no_grad(), ieee_fp32():
-                t0 = time.perf_counter()
-                prep = _prepare(H, cols, device, 0.01, act_order, None, 0.01, f"{rows}x{cols}")
-                sync()
-                t1 = time.perf_counter()
-                _gptq_rows(W.to(work_dtype(cols), copy=True), prep, spec, blocksize, False, use_triton)
-                sync()
-                factor.append(t1 - t0)
-                blocks.append(time.perf_counter() - t1)
-    if detail:
-        return {"total": statistics.median(times), "factor": statistics.median(factor),
-                "blocks": statistics.median(blocks)}
-    return statistics.median(times)

@@ -13,7 +13,8 @@ with ``group_size=128`` or ``None``. See ``docs/methods/rtn.md``.
 from __future__ import annotations
 
 from ._xp import namespace
-from .quantizer import QuantizedWeight, QuantSpec, check_weight, code_dtype, find_params, group_index, group_slices, quantize
+from .formats import QuantizedWeight
+from .quantizer import QuantSpec, check_weight, code_dtype, find_params, group_index, group_slices, quantize
 
 
 def rtn(W, spec: QuantSpec) -> QuantizedWeight:

@@ -7,7 +7,7 @@ calibration activations (kept in the activation dtype, bf16 for real models). Ho
 ``nn.Linear`` modules feed the statistics; Hessians accumulate in float32.
 
 :func:`perplexity` evaluates a model with the original protocol (non-overlapping windows, tail
-dropped, ``exp`` of the mean window loss, :func:`refquant.perplexity.perplexity_from_losses`), either
+dropped, ``exp`` of the mean window loss, :func:`refquant.spec.perplexity.perplexity_from_losses`), either
 with the whole model on the device or streaming layers like the original ``llama_eval``.
 """
 from __future__ import annotations
@@ -19,15 +19,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-import backends
-from refquant import llama
-from refquant.perplexity import PerplexityResult, perplexity_from_losses
-from refquant.progress import progress
+from . import backends
+from .pipeline import CalibrationOverflow, act_quant_hooks
+from .spec import llama
+from .spec.perplexity import PerplexityResult, perplexity_from_losses
+from .spec.progress import progress
 
 log = logging.getLogger("refquant")
 
 
-from refquant.pipeline import CalibrationOverflow  # noqa: E402  (re-exported)
 
 
 def load_model(path_or_id: str, dtype=torch.bfloat16, device: str = "cpu"):
@@ -200,10 +200,7 @@ class HFRunner:
         p.data.copy_(value.to(device=p.device, dtype=p.dtype))
 
     def saved_hooks(self, i: int):
-        from refquant.pipeline import LayerContext
-
-        return LayerContext(index=i, layer=None, runner=self, config=None, inputs=None,
-                            act_quant=self.saved_act_quant.get(i, {})).hooks()
+        return act_quant_hooks(self.saved_act_quant.get(i, {}), self.ops)
 
 
 def module(layer, name: str):
@@ -252,14 +249,10 @@ def substituted(layer, weights: dict):
 def act_quant_applied(model, recipe: dict, ops=None):
     """Apply an activation-quantization recipe ``{layer: {linear: ActQuant}}`` with hooks."""
     ops = ops or backends.get_backend("torch")
-    from refquant.pipeline import LayerContext
-
     stack = contextlib.ExitStack()
     with stack:
         for i, aq in recipe.items():
-            ctx = LayerContext(index=int(i), layer=None, runner=None, config=None, inputs=None, act_quant=aq)
-            ctx.runner = type("R", (), {"ops": ops})()
-            stack.enter_context(linear_hooks(model.model.layers[int(i)], ctx.hooks()))
+            stack.enter_context(linear_hooks(model.model.layers[int(i)], act_quant_hooks(aq, ops)))
         yield
 
 

@@ -51,7 +51,7 @@ except Exception:  # pragma: no cover - depends on the machine
 MAX_BLOCK_C = 256
 
 #: Overrides of the launch configuration (None = heuristic); the lead tunes these with
-#: :func:`backends.torch_backend.benchmark_gptq`.
+#: ``benchmark_gptq`` of ``tools/bench_gptq.py``.
 CONFIG = {"block_r": None, "num_warps": None}
 
 

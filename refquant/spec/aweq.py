@@ -37,7 +37,8 @@ import numpy as np
 from ._checks import check_finite, check_matrix
 from ._xp import namespace
 from .equalize import check_activations, check_scales, check_weights, scale_weights
-from .quantizer import QuantizedWeight, QuantSpec, fake_quantize, find_params
+from .formats import QuantizedWeight
+from .quantizer import QuantSpec, fake_quantize, find_params
 from .rtn import rtn
 
 
@@ -287,103 +288,3 @@ def aweq_linears(Ws: Sequence, stats: ActivationStats, spec: QuantSpec, config: 
     if config.bc:
         biases = [bias_correction(W, q.dequantize(), input_mean) for W, q in zip(weights, quantized)]
     return AWEQResult(scales=s, weights=weights, quantized=quantized, biases=biases, input_mean=input_mean)
-
-
-# =============================================================================================
-# Layer-level method for the pipeline (``refquant quantize --method aweq``)
-# =============================================================================================
-
-from . import pipeline as _pl  # noqa: E402  (pipeline does not import this module at load time)
-
-
-class AWEQMethod(_pl.Method):
-    """AWEQ on one LLaMA decoder layer, with the Table 4 switches ``config.awe`` / ``config.bc``.
-
-    1. One calibration pass through the FP layer: per-channel min / max / mean (:func:`update_stats`)
-       of all four distinct linear inputs (and ``max |x|`` for ``act_mode="per_tensor_static"``).
-    2. Per input, the linears that read it:
-
-       * ``attn_in`` (q/k/v) and ``mlp_in`` (gate/up) have a preceding RMSNorm: with ``awe``,
-         ``s`` = :func:`equalization_scales` (eq. (10), ``r^W`` over the row-concatenated weights),
-         ``gamma / s`` and ``W[:, j] * s_j``;
-       * ``o_in`` (o_proj) and ``down_in`` (down_proj) have no norm in front, so no AWE (``s = 1``):
-         they are only quantized and bias-corrected (docs/methods/aweq.md, choice 4);
-    3. each linear is quantized with :meth:`weight_spec` (per tensor, eq. (1)-(2), by default);
-    4. with ``bc``, bias correction (eq. (15)) with ``E[x] / s`` from the FP statistics: the bias
-       ``-(W_q - W) E[x]`` is added to the linear's bias (created if absent: LLaMA has none, the
-       saved model then has ``attention_bias`` / ``mlp_bias``);
-    5. activation quantizers (``abits < 16``) via :meth:`refquant.pipeline.Method.choose_act_quant`
-       (``act_mode``; the paper quantizes per tensor: ``--act-mode per_tensor``).
-
-    Next-layer inputs come from the FP layer (``propagate = "fp"``): the paper estimates ``E[x]``
-    and the ranges on the FP model before quantization.
-    """
-
-    name = "aweq"
-    propagate = "fp"
-
-    @staticmethod
-    def weight_spec(config) -> QuantSpec:
-        """``aweq_per_tensor`` (default): eq. (1)-(2) per tensor (:func:`weight_spec`); else the
-        GPTQ-lineage grid with ``group_size`` / ``sym`` (``--group-quant``)."""
-        if config.aweq_per_tensor:
-            return weight_spec(config.wbits)
-        return QuantSpec(bits=config.wbits, group_size=config.group_size, sym=config.sym)
-
-    def first_statistics(self, ctx) -> dict:
-        cfg = ctx.config
-        static = cfg.abits != 16 and cfg.act_mode == "per_tensor_static"
-        kinds = ("minmax", "mean") + (("absmax",) if static else ())
-        return {g: kinds for g in _pl.INPUT_LINEARS}
-
-    def quantize_layer(self, ctx) -> None:
-        cfg, ops = ctx.config, ctx.ops
-        static = cfg.abits != 16 and cfg.act_mode == "per_tensor_static"
-        stats = ctx.collect(self.first_statistics(ctx))
-        spec = cfg.weight_spec()
-        absmax = {}
-        info = ctx.info.setdefault("aweq", {"ablation": AWEQConfig(awe=cfg.awe, bc=cfg.bc).name})
-        for group, names in _pl.INPUT_LINEARS.items():
-            rs = stats[group].range_stats
-            x_mean = np.asarray(rs.mean, dtype=np.float64)
-            if static:
-                absmax[group] = ops.to_numpy(stats[group].absmax).astype(np.float64)
-            if cfg.awe and group in _pl.NORM_OF:
-                norm = _pl.NORM_OF[group]
-                s = ops.equalization_scales(np.asarray(rs.range, dtype=np.float64), [ctx.get(n) for n in names])
-                ctx.set(norm, ops.fold_into_norm(ctx.get(norm), s))
-                for n in names:
-                    ctx.set(n, ops.scale_weight(ctx.get(n), s))
-                s_host = ops.to_numpy(s).astype(np.float64)
-                x_mean = x_mean / s_host  # E[x / s]
-                if static:
-                    absmax[group] = absmax[group] / s_host
-                info[group] = {"s_min": float(s_host.min()), "s_max": float(s_host.max())}
-            for n in names:
-                W = ctx.get(n)  # a torch runner returns the parameter itself: use it before set_quantized
-                qw = ops.rtn(W, spec)
-                b = ops.bias_correction(W, qw.dequantize(), x_mean) if cfg.bc else None
-                ctx.set_quantized(n, qw)
-                if b is not None:
-                    b0 = ctx.get(n + ".bias")
-                    ctx.set(n + ".bias", b if b0 is None else b + b0)
-        if cfg.bc:
-            _declare_biases(ctx)
-        self.choose_act_quant(ctx, absmax)
-
-
-def _declare_biases(ctx) -> None:
-    """Every linear now has a bias: say so in a transformers model's config.
-
-    ``save_pretrained`` writes the bias tensors either way, but ``from_pretrained`` only creates (and
-    loads) them when ``attention_bias`` / ``mlp_bias`` are set -- otherwise a saved AWEQ model would
-    silently reload without its bias correction. (The NumPy reference's ``llama.save`` sets both flags
-    itself.) A runner without a transformers model is left alone.
-    """
-    hf_config = getattr(getattr(ctx.runner, "model", None), "config", None)
-    if hf_config is not None and hasattr(hf_config, "attention_bias") and hasattr(hf_config, "mlp_bias"):
-        hf_config.attention_bias = True
-        hf_config.mlp_bias = True
-
-
-_pl.register_method(AWEQMethod())

@@ -13,6 +13,8 @@ the GPU and the reference functions are called on them. Two things are added aro
 * ``with cupy.cuda.Device(...)``: the computation runs on the device of the weight.
 
 ``gptq_shared`` is separate :func:`refquant.gptq` calls (the definition; no speed goal here).
+
+Operation families (:mod:`refquant.backends.protocols`): ``QuantOps`` and ``GPTQOps``.
 """
 from __future__ import annotations
 
@@ -29,12 +31,15 @@ except ImportError as e:  # pragma: no cover - depends on the machine
         "cupy-cuda13x (CUDA 13). The 'numpy' backend runs the same reference on the CPU."
     ) from e
 
-import refquant
-from refquant.hessian import HessianAccumulator
-from refquant.quantizer import QuantizedWeight, QuantSpec
+from ..spec.gptq import gptq
+from ..spec.hessian import hessian
+from ..spec.rtn import rtn
+from ..spec.hessian import HessianAccumulator
+from ..spec.formats import QuantizedWeight
+from ..spec.quantizer import QuantSpec
 
 from . import Backend
-from .numpy_backend import check_shared
+from .numpy_quant import as_numpy, check_shared
 
 
 def _device_of(x):
@@ -48,7 +53,7 @@ def _on(device):
 
 
 class CupyBackend(Backend):
-    """refquant on CuPy arrays (float64 on the GPU)."""
+    """refquant on CuPy arrays (float64 on the GPU): QuantOps and GPTQOps."""
 
     name = "cupy"
 
@@ -71,12 +76,21 @@ class CupyBackend(Backend):
     def rtn(self, W, spec: QuantSpec) -> QuantizedWeight:
         W = self.asarray(W)
         with _on(_device_of(W)):
-            return refquant.rtn(W, spec)
+            return rtn(W, spec)
+
+    def to_numpy(self, x):
+        """A NumPy array of ``x`` (CuPy, torch or NumPy input)."""
+        return as_numpy(x)
+
+    def like(self, a, ref=None):
+        """``a`` as a float64 CuPy array on ``ref``'s device (the current device without ``ref``)."""
+        dev = _device_of(ref) if ref is not None else cupy.cuda.Device()
+        return self.asarray(a, device=dev.id).astype(cupy.float64, copy=False)
 
     def hessian(self, X):
         X = self.asarray(X)
         with _on(_device_of(X)):
-            return refquant.hessian(X)
+            return hessian(X)
 
     def hessian_accumulator(self, in_features: int, device=None):
         return _CupyHessianAccumulator(in_features, device)
@@ -88,7 +102,7 @@ class CupyBackend(Backend):
         dev = _device_of(W)
         H = self.asarray(H, device=dev.id)
         with _on(dev):
-            return refquant.gptq(W, H, spec, blocksize=blocksize, percdamp=percdamp, act_order=act_order,
+            return gptq(W, H, spec, blocksize=blocksize, percdamp=percdamp, act_order=act_order,
                                  static_groups=static_groups, max_percdamp=max_percdamp,
                                  percdamp_step=percdamp_step)
 

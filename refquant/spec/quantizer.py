@@ -212,97 +212,18 @@ def group_slices(in_features: int, group_size: int | None) -> list[slice]:
     return [slice(g, min(g + group_size, in_features)) for g in range(0, in_features, group_size)]
 
 
-@dataclass(frozen=True, eq=False)
-class QuantizedWeight:
-    """A quantized weight matrix: integer codes plus a scale and zero per (row, group).
-
-    ``W_hat[r, j] = scale[r, g_idx[j]] * (codes[r, j] - zero[r, g_idx[j]])``.
-
-    Attributes:
-        codes: integer codes in ``[0, maxq]``, shape (out_features, in_features), original
-            column order.
-        scale, zero: shape (out_features, n_groups).
-        g_idx: group of every input column, shape (in_features,). Consecutive groups give
-            ``j // group_size``; GPTQ with act-order and dynamic groups gives the permuted layout.
-        spec: the :class:`QuantSpec` used.
-        info: method diagnostics (e.g. GPTQ's proxy loss and the damping it used).
-    """
-
-    codes: object
-    scale: object
-    zero: object
-    g_idx: object
-    spec: QuantSpec
-    info: dict = field(default_factory=dict)
-
-    def dequantize(self):
-        """The quantized weight as floats, ``scale * (codes - zero)`` per group."""
-        codes = _as_float(self.codes, self.scale)
-        return dequantize(codes, self.scale[:, self.g_idx], self.zero[:, self.g_idx])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
-
-    @property
-    def n_groups(self) -> int:
-        return int(self.scale.shape[1])
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Storage cost per weight with 16-bit scales and zeros (see :meth:`storage_bits`)."""
-        return self.storage_bits(scale_bits=16, zero_bits=16)
-
-    def storage_bits(self, scale_bits: int = 16, zero_bits: int = 16) -> float:
-        """Storage cost per weight, overheads included.
-
-        ``bits`` for the code, plus ``scale_bits`` (and ``zero_bits`` for asymmetric specs: the
-        symmetric zero ``(maxq + 1) / 2`` is a constant, not stored) per stored (row, group) pair
-        -- one pair in all for per-tensor -- plus ``ceil(log2 n_groups)`` bits per input column when
-        the column-to-group map is not the trivial ``j // group_size`` (GPTQ act-order with
-        dynamic groups).
-        """
-        out_f, in_f = self.shape
-        pairs = 1 if self.spec.per_tensor else out_f * self.n_groups
-        const_zero = self.spec.sym or self.spec.rule == "absmax"
-        per_pair = scale_bits + (0 if const_zero else zero_bits)
-        overhead = pairs * per_pair
-        trivial = np.array_equal(
-            np.asarray(_host(self.g_idx)), group_index(in_f, self.spec.group_size)
-        )
-        if not trivial:
-            overhead += in_f * max(1, math.ceil(math.log2(self.n_groups)))
-        return int(self.spec.bits) + overhead / (out_f * in_f)
-
-    @property
-    def bits(self) -> int:
-        return int(self.spec.bits)
-
-
-def _host(a):
-    """A NumPy view/copy of a NumPy, CuPy or torch array."""
-    mod = type(a).__module__
-    if mod.startswith("cupy"):
-        return a.get()
-    if mod.startswith("torch"):
-        return a.detach().cpu().numpy()
-    return a
-
-
-def _as_float(codes, like):
-    """Integer codes converted to ``like``'s float dtype (NumPy/CuPy ``astype``, torch ``to``)."""
-    if type(codes).__module__.startswith("torch"):
-        return codes.to(like.dtype)
-    return codes.astype(like.dtype)
-
-
 def code_dtype(xp=np):
     """Integer dtype of stored codes (all supported widths fit in 8 bits)."""
     return xp.uint8
 
 
-def check_weight(W, spec: QuantSpec, name: str = "W"):
-    """Validate a weight matrix against a spec (2-D, finite, non-empty)."""
+def check_spec(spec) -> None:
+    """``spec`` must be a :class:`QuantSpec` (its fields are validated when it is made)."""
     if not isinstance(spec, QuantSpec):
         raise ValueError(f"spec must be a refquant.QuantSpec; got {type(spec).__name__}.")
+
+
+def check_weight(W, spec: QuantSpec, name: str = "W"):
+    """Validate a weight matrix against a spec (2-D, finite, non-empty)."""
+    check_spec(spec)
     check_matrix(W, name)

@@ -1,18 +1,34 @@
-"""The "numpy" backend: the reference itself (refquant, float64 on the CPU), behind the backend API.
+"""QuantOps and GPTQOps of the "numpy" backend: the reference itself (refquant.spec, float64 on the CPU).
 
-Nothing here re-implements an algorithm: every call goes to :mod:`refquant`. ``gptq_shared`` is, by
-definition, separate :func:`refquant.gptq` calls with the same Hessian (the fast backends must equal
-that).
+Nothing here re-implements an algorithm: every call goes to :mod:`refquant.spec`. ``gptq_shared`` is,
+by definition, separate :func:`refquant.gptq` calls with the same Hessian (the fast backends must
+equal that). :class:`NumpyQuantOps` and :class:`NumpyGPTQOps` are the mixins of
+:class:`refquant.backends.numpy_backend.NumpyBackend`.
 """
 from __future__ import annotations
 
 import numpy as np
 
-import refquant
-from refquant.hessian import HessianAccumulator
-from refquant.quantizer import QuantizedWeight, QuantSpec
+from ..spec.formats import QuantizedWeight
+from ..spec.gptq import gptq
+from ..spec.hessian import HessianAccumulator, hessian
+from ..spec.quantizer import QuantSpec
+from ..spec.rtn import rtn
 
-from . import Backend
+__all__ = ["NumpyQuantOps", "NumpyGPTQOps", "as_numpy", "check_shared"]
+
+
+def as_numpy(x) -> np.ndarray:
+    """A NumPy array of ``x`` (NumPy, CuPy or torch input; bf16/fp16 tensors as float32, which holds them)."""
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        x = x.detach().cpu()
+        if x.is_floating_point() and x.element_size() < 4:  # bf16 has no NumPy dtype; fp32 holds it exactly
+            x = x.float()
+        return x.numpy()
+    if mod.startswith("cupy"):
+        return x.get()
+    return np.asarray(x)
 
 
 def check_shared(Ws, name: str = "Ws") -> int:
@@ -32,29 +48,29 @@ def check_shared(Ws, name: str = "Ws") -> int:
     return cols[0]
 
 
-class NumpyBackend(Backend):
-    """refquant on NumPy arrays (float64)."""
-
-    name = "numpy"
+class NumpyQuantOps:
+    """:class:`~refquant.backends.protocols.QuantOps`: :func:`refquant.rtn` on NumPy copies of the inputs."""
 
     @staticmethod
     def asarray(x) -> np.ndarray:
         """A NumPy array of ``x`` (NumPy, CuPy or torch input)."""
-        mod = type(x).__module__
-        if mod.startswith("torch"):
-            x = x.detach().cpu()
-            if x.is_floating_point() and x.element_size() < 4:  # bf16 has no NumPy dtype; fp32 holds it exactly
-                x = x.float()
-            return x.numpy()
-        if mod.startswith("cupy"):
-            return x.get()
-        return np.asarray(x)
+        return as_numpy(x)
 
     def rtn(self, W, spec: QuantSpec) -> QuantizedWeight:
-        return refquant.rtn(self.asarray(W), spec)
+        return rtn(as_numpy(W), spec)
+
+    def to_numpy(self, x):
+        return as_numpy(x)
+
+    def like(self, a, ref=None):
+        return np.asarray(a, dtype=np.float64)
+
+
+class NumpyGPTQOps:
+    """:class:`~refquant.backends.protocols.GPTQOps`: :func:`refquant.hessian`, :func:`refquant.gptq`."""
 
     def hessian(self, X) -> np.ndarray:
-        return refquant.hessian(self.asarray(X))
+        return hessian(as_numpy(X))
 
     def hessian_accumulator(self, in_features: int, device=None):
         if device not in (None, "cpu"):
@@ -64,16 +80,16 @@ class NumpyBackend(Backend):
     def gptq(self, W, H, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False,
              static_groups: bool = False, *, max_percdamp: float | None = None,
              percdamp_step: float = 0.01) -> QuantizedWeight:
-        return refquant.gptq(self.asarray(W), self.asarray(H), spec, blocksize=blocksize, percdamp=percdamp,
-                             act_order=act_order, static_groups=static_groups, max_percdamp=max_percdamp,
-                             percdamp_step=percdamp_step)
+        return gptq(as_numpy(W), as_numpy(H), spec, blocksize=blocksize, percdamp=percdamp,
+                    act_order=act_order, static_groups=static_groups, max_percdamp=max_percdamp,
+                    percdamp_step=percdamp_step)
 
     def gptq_shared(self, Ws, H, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
                     act_order: bool = False, static_groups: bool = False, *, max_percdamp: float | None = None,
                     percdamp_step: float = 0.01) -> list[QuantizedWeight]:
         """Separate :func:`refquant.gptq` calls with one Hessian (the definition the fast backends meet)."""
         check_shared(Ws)
-        H = self.asarray(H)
+        H = as_numpy(H)
         return [self.gptq(W, H, spec, blocksize, percdamp, act_order, static_groups, max_percdamp=max_percdamp,
                           percdamp_step=percdamp_step) for W in Ws]
 
@@ -82,4 +98,4 @@ class _NumpyHessianAccumulator(HessianAccumulator):
     """:class:`refquant.HessianAccumulator` that also accepts torch/CuPy batches (copied to the host)."""
 
     def add_batch(self, X) -> None:
-        super().add_batch(NumpyBackend.asarray(X) if hasattr(X, "shape") else X)
+        super().add_batch(as_numpy(X) if hasattr(X, "shape") else X)

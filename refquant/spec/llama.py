@@ -35,6 +35,14 @@ LINEARS = (
 )
 NORMS = ("input_layernorm", "post_attention_layernorm")
 
+Q, K, V, O = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"
+GATE, UP, DOWN = "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"
+INPUT_LINEARS = {"attn_in": (Q, K, V), "o_in": (O,), "mlp_in": (GATE, UP), "down_in": (DOWN,)}
+"""The distinct linear inputs of a LLaMA decoder layer and the linears that read each."""
+INPUT_OF = {name: group for group, names in INPUT_LINEARS.items() for name in names}
+NORM_OF = {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm"}
+"""The RMSNorm that produces an input (where a per-channel scale can be folded)."""
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
