@@ -28,7 +28,7 @@ from .spec.gptq import HessianNotPositiveDefinite, gptq
 from .spec.hessian import HessianAccumulator, hessian
 from .spec.quantizer import QuantSpec
 from .spec.rtn import rtn
-from . import methods  # noqa: E402,F401  (the application: every method's wiring unit registers itself)
+from . import methods  # noqa: F401  (the application: every method's wiring unit registers itself)
 
 __all__ = [
     "__version__",

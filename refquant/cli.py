@@ -75,7 +75,7 @@ def _add_option(group, f: dataclasses.Field, hint, method: str) -> None:
     if hint is bool:
         if f.default:
             group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", default=True,
-                               help=help_text)
+                               help="turn off: " + help_text)
         else:
             group.add_argument(flag, dest=f.name, action="store_true", default=False, help=help_text)
         return
@@ -84,7 +84,7 @@ def _add_option(group, f: dataclasses.Field, hint, method: str) -> None:
     if kind not in (int, float, str):
         raise ValueError(f"{method} option {f.name}: type {hint} has no command-line form (use bool, int, float, str "
                          "or an Optional of those).")
-    group.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text,
+    group.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"{help_text}; default {f.default}",
                        metavar=f.metadata.get("metavar"))
 
 

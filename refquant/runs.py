@@ -19,6 +19,7 @@ Output directory of a quantization (every file written to a temporary name, then
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -40,13 +41,21 @@ DEFAULT_MODEL = ROOT / "golden" / "models" / "tiny-llama3"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
+try:  # the torch path is optional: the numpy backend runs without torch and transformers
+    from . import torch_pipeline
+except ImportError:
+    torch_pipeline = None
+
+
+def _torch_pipeline():
+    if torch_pipeline is None:
+        raise ImportError("the torch backend needs torch and transformers: pip install -e '.[torch]'.")
+    return torch_pipeline
+
+
 def torch_available() -> bool:
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """torch and transformers are importable (``refquant.torch_pipeline`` loaded)."""
+    return torch_pipeline is not None and importlib.util.find_spec("transformers") is not None
 
 
 def resolve_backend(name: str = "auto") -> str:
@@ -64,10 +73,8 @@ def resolve_device(backend: str, device: str | None) -> str:
         if device not in (None, "auto", "cpu"):
             raise ValueError(f"the numpy backend runs on the CPU; got --device {device}.")
         return "cpu"
-    import torch
-
     if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if _torch_pipeline().torch.cuda.is_available() else "cpu"
     return device
 
 
@@ -87,9 +94,7 @@ class LoadedModel:
     def runner(self, batch_size: int = 8):
         if self.backend == "numpy":
             return pipeline.NumpyRunner(self.model)
-        from .torch_pipeline import HFRunner
-
-        return HFRunner(self.model, device=self.device, batch_size=batch_size)
+        return _torch_pipeline().HFRunner(self.model, device=self.device, batch_size=batch_size)
 
 
 def encoder_for(model_dir: str):
@@ -118,13 +123,10 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, backend: str = "auto", device
         if not path.is_dir():
             raise FileNotFoundError(f"the numpy backend reads local checkpoints; {model!r} is not a directory.")
         return LoadedModel("numpy", llama.load(path), encoder_for(str(path)), str(path), "cpu", "float64", cfg, recipe)
-    import torch
-
-    from .torch_pipeline import load_model
-
+    torch = _torch_pipeline().torch
     torch_dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
-    hf = load_model(str(model), dtype=torch_dtype, device="cpu")
+    hf = _torch_pipeline().load_model(str(model), dtype=torch_dtype, device="cpu")
     if not cfg:
         cfg = hf.config.to_dict()
     return LoadedModel("torch", hf, encoder_for(str(model)), str(model), device, dtype, cfg, recipe)
@@ -209,9 +211,7 @@ def _like_int(runner, a, ref):
     """``a`` as an array of the runner's backend on ``ref``'s device, with ``a``'s dtype."""
     if runner.ops.name == "numpy":
         return np.asarray(a)
-    import torch
-
-    return torch.as_tensor(np.asarray(a), device=ref.device)
+    return _torch_pipeline().torch.as_tensor(np.asarray(a), device=ref.device)
 
 
 def quantize(loaded: LoadedModel, config: pipeline.QuantConfig, calib_ids: np.ndarray | None,
@@ -299,9 +299,7 @@ def evaluate_ppl(loaded: LoadedModel, datasets: list[str], seqlen: int = 2048, d
             res: PerplexityResult = perplexity(window_loss_numpy(loaded.model, loaded.act_quant), tokens, seqlen,
                                                max_windows=max_windows, desc=f"ppl {name}")
         else:
-            from .torch_pipeline import perplexity as torch_ppl
-
-            res = torch_ppl(loaded.model, tokens, seqlen, device=loaded.device, batch_size=batch_size,
+            res = _torch_pipeline().perplexity(loaded.model, tokens, seqlen, device=loaded.device, batch_size=batch_size,
                             max_windows=max_windows, stream=stream, act_quant=loaded.act_quant, desc=f"ppl {name}")
         out[name] = {"ppl": res.ppl, "n_windows": res.n_windows, "seqlen": seqlen, "data": info,
                      "seconds": time.perf_counter() - t, "tokens": int(res.n_windows * seqlen)}

@@ -103,8 +103,8 @@ def test_a_new_method_is_one_file(tmp_path):
     """Drop a wiring unit into refquant/methods/ of a copy of the tree: the registry, the CLI (its options as
     flags), the golden tool, the benchmark and the main job all see it; no other file is edited."""
     tree = tmp_path / "tree"
-    for d in ("refquant", "tools"):
-        shutil.copytree(ROOT / d, tree / d, ignore=shutil.ignore_patterns("__pycache__"))
+    for d in ("refquant", "tools", "golden"):
+        shutil.copytree(ROOT / d, tree / d, ignore=shutil.ignore_patterns("__pycache__", "models"))
     (tree / "refquant" / "methods" / "toy.py").write_text(textwrap.dedent(NEW_METHOD))
     code = textwrap.dedent('''
         import sys
@@ -127,11 +127,23 @@ def test_a_new_method_is_one_file(tmp_path):
         assert "toysuite" in mainjob.suites()
         rows = mainjob.suite_rows(None, "toysuite")
         assert rows[0][2].options.toy_level == 2
+        # the golden tool adds the new suite's case beside the recorded ones and changes none of them
+        import json
+        before = json.loads(open("golden/manifest.json").read())
+        assert make_golden.main([]) == 0
+        after = json.loads(open("golden/manifest.json").read())
+        assert set(after["cases"]) == set(before["cases"]) | {"toy/nasty256_toy"}
+        assert all(after["cases"][n] == before["cases"][n] for n in before["cases"])
+        assert after["generator"] == before["generator"] and "generator" in after["cases"]["toy/nasty256_toy"]
+        assert after["parity_rules"]["toy"] == {"text": "toy"}
         print("ok")
     ''')
     out = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(tree)}, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    for rel in ("rtn/nasty256_w4_asym_g128.npz", "gptq/odd1000_w3_sym_g128_actorder.npz", "inputs/nasty256.npz"):
+        assert (tree / "golden" / rel).read_bytes() == (ROOT / "golden" / rel).read_bytes(), rel
+    assert (tree / "golden" / "toy" / "nasty256_toy.npz").exists()
 
 
 def test_nothing_named_backends_at_the_top_level():
@@ -153,3 +165,44 @@ def test_public_api():
         assert hasattr(rq, name), name
     assert rq.awq.search_scale and rq.awq.search_clip and rq.smoothquant.smooth_scales
     assert rq.aweq.equalization_scales and rq.actquant.quantize_activation
+
+
+def test_quant_config_has_typed_options_that_round_trip():
+    import json
+
+    from refquant import pipeline
+    from refquant.methods.awq import AWQOptions
+    from refquant.methods.gptq import GPTQOptions
+
+    cfg = pipeline.QuantConfig.of("awq", wbits=3, awq_search_samples=4)
+    assert isinstance(cfg.options, AWQOptions) and cfg.options.awq_search_samples == 4 and cfg.wbits == 3
+    assert pipeline.QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert pipeline.QuantConfig("gptq").options == GPTQOptions()  # the authors' defaults
+    with pytest.raises(ValueError, match="unknown setting"):
+        pipeline.QuantConfig.of("rtn", act_order=True)
+    with pytest.raises(ValueError, match="must be a GPTQOptions"):
+        pipeline.QuantConfig("gptq", options=AWQOptions())
+    with pytest.raises(ValueError, match="blocksize"):
+        pipeline.QuantConfig.of("gptq", blocksize=0)
+
+
+def test_a_backend_without_the_methods_twin_is_refused():
+    """The loop checks the method's ops protocol before the first layer and names what is missing."""
+    import numpy as np
+
+    from refquant import pipeline
+    from refquant.backends.numpy_backend import NumpyBackend
+    from refquant.spec import llama
+
+    class NoAWQ:  # the numpy backend's quantizer and statistics, without the AWQ family
+        def __init__(self):
+            self._be = NumpyBackend()
+
+        rtn = property(lambda self: self._be.rtn)
+
+    cfg = llama.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=2, head_dim=4)
+    model = llama.LlamaModel(cfg, np.zeros((8, 8)), [{}], np.ones(8), np.zeros((8, 8)))
+    with pytest.raises(ValueError, match="AWQOpsForPipeline"):
+        pipeline.quantize_model(pipeline.NumpyRunner(model, ops=NoAWQ()), pipeline.QuantConfig.of("awq", wbits=4),
+                                np.zeros((1, 4), dtype=np.int64))
