@@ -37,6 +37,7 @@ from .spec import llama
 from .spec.formats import WeightFormat
 from .spec.progress import progress
 from .spec.quantizer import QuantSpec
+from .spec.stats import KINDS as STATISTICS
 
 log = logging.getLogger("refquant")
 
@@ -225,6 +226,11 @@ class LayerContext:
         return self.runner.get(self.layer, name)
 
     def set(self, name: str, value) -> None:
+        """Replace a weight, norm gain or bias of the layer; only what the method declares it touches."""
+        method = self.config.method_obj
+        if name not in method.touches:
+            raise ValueError(f"method {method.name!r} changed {name!r}, which its wiring unit does not declare in "
+                             f"Method.touches ({', '.join(method.touches)}); declare it there.")
         self.runner.set(self.layer, name, value)
 
     def set_quantized(self, name: str, qw: WeightFormat) -> None:
@@ -242,6 +248,11 @@ class LayerContext:
         loop already gathered for exactly these requests during the FP pass are handed out once
         (see :meth:`Method.first_statistics`).
         """
+        method = self.config.method_obj
+        undeclared = sorted({k for kinds in requests.values() for k in kinds} - set(method.statistics))
+        if undeclared:
+            raise ValueError(f"method {method.name!r} collects {undeclared}, which its wiring unit does not declare in "
+                             f"Method.statistics ({', '.join(method.statistics) or 'none'}); declare them there.")
         if self.prefetched is not None and self.prefetched[0] == requests and not keep_output:
             stats, self.prefetched = self.prefetched[1], None
             return stats
@@ -315,6 +326,9 @@ class Method:
       generated from it); :meth:`validate`: checks across the shared config and the options;
     * ``ops``: the backend protocol (``refquant.backends.protocols``) the method's
       :meth:`quantize_layer` calls -- a backend without that twin is refused with a clear error;
+    * ``touches``: the weights, norm gains and biases of a decoder layer the method may change
+      (``LayerContext.set`` refuses others); ``statistics``: the calibration statistics it may
+      collect (``H``, ``absmax``, ``mean_abs``, ``minmax``, ``mean``, ``inputs``);
     * ``needs_calibration``; ``propagate``: next-layer inputs from the ``"quantized"`` or the
       ``"fp"`` layer; :meth:`first_statistics` (what the first calibration pass collects, per
       linear input: ``H``, ``absmax``, ``mean_abs``, ``minmax``, ``mean``, ``inputs``);
@@ -329,6 +343,8 @@ class Method:
     name: ClassVar[str] = "?"
     Options: ClassVar[type] = NoOptions
     ops: ClassVar[type] = object
+    touches: ClassVar[tuple[str, ...]] = llama.LINEARS
+    statistics: ClassVar[tuple[str, ...]] = ()
     needs_calibration: ClassVar[bool] = True
     propagate: ClassVar[str] = "quantized"  # or "fp": next-layer inputs from the unquantized layer
     golden: ClassVar[tuple] = ()
@@ -391,6 +407,9 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"method {name!r} is registered twice ({type(METHODS[name]).__name__} and {cls.__name__}).")
     if not (isinstance(cls.Options, type) and issubclass(cls.Options, Options)):
         raise ValueError(f"{cls.__name__}.Options must be a dataclass subclassing refquant.pipeline.Options.")
+    unknown = set(cls.statistics) - set(STATISTICS)
+    if unknown:
+        raise ValueError(f"{cls.__name__}.statistics has unknown kind(s) {sorted(unknown)}; known: {STATISTICS}.")
     if cls.propagate not in ("quantized", "fp"):
         raise ValueError(f"{cls.__name__}.propagate must be 'quantized' or 'fp'; got {cls.propagate!r}.")
     for suite in cls.golden:

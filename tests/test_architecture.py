@@ -206,3 +206,27 @@ def test_a_backend_without_the_methods_twin_is_refused():
     with pytest.raises(ValueError, match="AWQOpsForPipeline"):
         pipeline.quantize_model(pipeline.NumpyRunner(model, ops=NoAWQ()), pipeline.QuantConfig.of("awq", wbits=4),
                                 np.zeros((1, 4), dtype=np.int64))
+
+
+def test_a_method_may_change_and_collect_only_what_it_declares():
+    """``Method.touches`` / ``Method.statistics`` are enforced by the layer context."""
+    import numpy as np
+
+    from refquant import pipeline
+    from refquant.backends.numpy_backend import NumpyBackend
+
+    class Runner:
+        ops = NumpyBackend()
+
+        def set(self, layer, name, value):
+            layer[name] = value
+
+        def in_features(self, group):
+            return 4
+
+    ctx = pipeline.LayerContext(index=0, layer={}, runner=Runner(), config=pipeline.QuantConfig.of("gptq"), inputs=None)
+    with pytest.raises(ValueError, match="does not declare in Method.touches"):
+        ctx.set("input_layernorm", np.ones(4))  # GPTQ changes linears only
+    ctx.set("mlp.down_proj", np.ones((4, 4)))
+    with pytest.raises(ValueError, match="does not declare in Method.statistics"):
+        ctx.collect({"attn_in": ("absmax",)})

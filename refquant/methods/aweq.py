@@ -125,6 +125,8 @@ class AWEQ(Method):
     name = "aweq"
     Options = AWEQOptions
     ops = AWEQOpsForPipeline
+    touches = llama.LINEARS + llama.NORMS + tuple(n + ".bias" for n in llama.LINEARS)
+    statistics = ("minmax", "mean", "absmax")
     propagate = "fp"
     suites = ("equalization",)
     golden = (GoldenSuite("aweq", golden_cases, golden_rule, PARITY_RULE, golden_run, golden_compare),)

@@ -222,6 +222,8 @@ class AWQ(Method):
     name = "awq"
     Options = AWQOptions
     ops = AWQOpsForPipeline
+    touches = llama.LINEARS + llama.NORMS + tuple(g.prev + ".bias" for g in LLAMA_GROUPS if not g.prev_is_norm)
+    statistics = ("inputs", "H", "mean_abs")  # the torch twin searches single linears on the Gram
     propagate = "fp"
     suites = ("equalization",)
     golden = (GoldenSuite("awq", golden_cases, golden_rule, PARITY_RULE, golden_run, golden_compare),)

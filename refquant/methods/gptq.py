@@ -173,6 +173,7 @@ class GPTQ(Method):
     name = "gptq"
     Options = GPTQOptions
     ops = GPTQOpsForPipeline
+    statistics = ("H",)
     golden = (GoldenSuite("gptq", golden_cases, golden_rule, PARITY_RULE, golden_run, golden_compare),
               GoldenSuite("hessian", hessian_cases, hessian_rule, HESSIAN_PARITY_RULE, hessian_run, hessian_compare))
     preflight = ("gptq", "hessian")

@@ -131,6 +131,8 @@ class SmoothQuant(Method):
     name = "smoothquant"
     Options = SmoothQuantOptions
     ops = SmoothQuantOpsForPipeline
+    touches = llama.LINEARS + llama.NORMS
+    statistics = ("absmax",)
     propagate = "fp"
     suites = ("equalization",)
     golden = (GoldenSuite("smoothquant", golden_cases, golden_rule, PARITY_RULE, golden_run, golden_compare),)
