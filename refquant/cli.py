@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 
 from . import backends, data, golden, mainjob, pipeline, runs
-from .provenance import portable_path, provenance, write_json_atomic, write_text_atomic
+from .provenance import portable_path, write_json_atomic
 
 log = logging.getLogger("refquant")
 

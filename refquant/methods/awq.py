@@ -13,7 +13,7 @@ import numpy as np
 from array_api_compat import array_namespace
 
 from ..backends.protocols import AWQOps, PipelineOps, QuantOps
-from ..golden import GoldenSuite, calibration_input, codes_near_ties, f64, outputs_of, rounding_tie, spec_of
+from ..golden import GoldenSuite, calibration_input, f64, outputs_of, rounding_tie, spec_of
 from ..pipeline import Method, Options, QuantConfig, register
 from ..spec import awq, llama
 from ..spec.awq import CLIP_MAX_SHRINK, CLIP_N_GRID, CLIP_N_SAMPLE_TOKENS, CLIPPED, LLAMA_GROUPS, N_GRID, ScalingGroup

@@ -35,8 +35,7 @@ column 0; when ``group_size`` does not divide ``in_features``, the last group ho
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
