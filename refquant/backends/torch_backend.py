@@ -34,24 +34,11 @@ from .torch_quant import (
     work_dtype,
 )
 
-from . import Backend
+from . import Backend, torch_quant
 from .equalization_ops import TorchAWQOps, TorchEqualizationOps
 from .pipeline_ops import TorchChannelStats, TorchPipelineOps
 
-__all__ = [
-    "TorchBackend",
-    "TorchHessianAccumulator",
-    "TorchChannelStats",
-    "FP64_FACTOR_MAX",
-    "find_params",
-    "group_params",
-    "quantize",
-    "dequantize",
-    "div_exact",
-    "upper_cholesky_of_inverse",
-    "work_dtype",
-    "ieee_fp32",
-]
+__all__ = ["TorchBackend", "TorchChannelStats", "FP64_FACTOR_MAX", *torch_quant.__all__]  # the helpers re-exported
 
 
 class TorchBackend(TorchQuantOps, TorchGPTQOps, TorchPipelineOps, TorchEqualizationOps, TorchAWQOps, Backend):
