@@ -260,33 +260,39 @@ def test_preflight_failure_refuses_a_gpu_run_unless_overridden(monkeypatch):
 
 @needs_data
 def test_main_job_writes_the_table_and_resumes(tmp_path, capsys):
+    """The main job is the study (refquant/study) on the embedded model; finished rows are kept on a rerun."""
     from refquant.cli import main
 
-    argv = ["main", "--out", str(tmp_path), "--bits", "4,2", "--nsamples", "16", "--seqlen", "256", "--ppl", "wikitext2",
-            "--max-eval-windows", "2", "--device", "cpu"]
+    argv = ["main", "--out", str(tmp_path), "--table", "1", "--rows", "RTN-W4-g128,RTN-W2-g128,GPTQ-W4-g128,GPTQ-W2-g128",
+            "--nsamples", "16", "--calib-seqlen", "256", "--seqlen", "256", "--ppl", "wikitext2",
+            "--max-eval-windows", "2", "--evaluations", "ppl", "--device", "cpu"]
     assert main(argv) == 0
-    table = (tmp_path / "table.md").read_text()
-    rows = json.loads((tmp_path / "table.json").read_text())["rows"]
-    assert [r["key"] for r in rows] == ["fp", "rtn_w4_g128", "rtn_w2_g128", "gptq_w4_g128", "gptq_w2_g128"]
-    assert "| RTN | 4 | 16 | 128 |" in table and "| GPTQ | 2 | 16 | 128 |" in table
-    ppl = {r["key"]: r["perplexity"]["wikitext2"] for r in rows}
-    assert abs(ppl["rtn_w4_g128"] / ppl["fp"] - 1) < 0.05 and ppl["rtn_w2_g128"] > 1.5 * ppl["fp"]
-    assert ppl["gptq_w2_g128"] < ppl["rtn_w2_g128"]
-    (tmp_path / "rows" / "gptq_w2_g128.json").unlink()  # as if the run had died before the last row
+    dest = tmp_path / "tiny-llama3" / "table1"
+    table = (dest / "table.md").read_text()
+    rows = {p.stem: json.loads(p.read_text()) for p in (dest / "rows").glob("*.json")}
+    assert sorted(rows) == ["FP", "GPTQ-W2-g128", "GPTQ-W4-g128", "RTN-W2-g128", "RTN-W4-g128"]
+    assert "| RTN | 4 | 16 | 128 | " in table and "|  | 2 | 16 | 128 | " in table and "| GPTQ | 4 | 16 | 128 | " in table
+    assert "/ 8.5 (" in table  # the paper's RTN W4 g128 WikiText2 value beside ours
+    ppl = {k: r["metrics"]["wikitext2"] for k, r in rows.items()}
+    assert abs(ppl["RTN-W4-g128"] / ppl["FP"] - 1) < 0.05 and ppl["RTN-W2-g128"] > 1.5 * ppl["FP"]
+    assert ppl["GPTQ-W2-g128"] < ppl["RTN-W2-g128"]
+    (dest / "rows" / "GPTQ-W2-g128.json").unlink()  # as if the run had died before the last row
     capsys.readouterr()
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert out.count("done earlier") == 4 and "gptq_w2_g128: quantizing" in out
+    assert out.count("done earlier") == 4 and "GPTQ-W2-g128: quantizing" in out
+    assert "near chance" in out and "table1: table" in out
 
 
 @needs_data
 def test_main_job_equalization_suite_rows(tmp_path):
     from refquant.cli import main
 
-    assert main(["main", "--suite", "equalization", "--out", str(tmp_path), "--nsamples", "2", "--seqlen", "128",
-                 "--ppl", "wikitext2", "--max-eval-windows", "1", "--device", "cpu"]) == 0
-    rows = json.loads((tmp_path / "table.json").read_text())["rows"]
-    assert len(rows) == 1 + 3 + 4 + 12
-    table = (tmp_path / "table.md").read_text()
-    assert "| SmoothQuant | 4 | 4 | - |" in table and "| AWEQ +BC | 3 | 16 | tensor |" in table
-    assert "| AWEQ (AWE+BC) | 8 | 8 | tensor |" in table and "| AWQ | 3 | 16 | 128 |" in table
+    assert main(["main", "--suite", "equalization", "--out", str(tmp_path), "--nsamples", "2", "--calib-seqlen", "128",
+                 "--seqlen", "128", "--ppl", "wikitext2", "--max-eval-windows", "1", "--evaluations", "ppl",
+                 "--device", "cpu"]) == 0
+    dest = tmp_path / "tiny-llama3" / "equalization"
+    assert len(list((dest / "rows").glob("*.json"))) == 1 + 3 + 4 + 12
+    table = (dest / "table.md").read_text()
+    assert "| SmoothQuant | 8 | 8 | - |" in table and "|  | 4 | 4 | - |" in table
+    assert "| AWEQ +BC | 3 | 16 | - |" in table and "| AWEQ (AWE+BC) | 8 | 8 | - |" in table and "| AWQ | 3 | 16 | 128 |" in table
