@@ -28,6 +28,17 @@ from .spec.gptq import HessianNotPositiveDefinite, gptq
 from .spec.hessian import HessianAccumulator, hessian
 from .spec.quantizer import QuantSpec
 from .spec.rtn import rtn
+from .spec.formats import MixedWeight
+from .spec.slim import slim_allocate, slim_llm
+from .spec.dbllm import dbllm
+from .spec.formats import DualBinaryWeight
+from .spec.pbllm import pbllm
+from .spec.billm import billm
+from .spec.formats import PartialBinaryWeight, StructuredBinaryWeight
+from .spec.formats import QuipWeight
+from .spec.quip import HessianNotPositiveDefinite as QuipHessianNotPositiveDefinite, quip
+from .spec.normalfloat import NF4Weight, nf4
+from .spec.icq import ICQWeight, icq
 from . import methods  # noqa: F401  (the application: every method's wiring unit registers itself)
 
 __all__ = [
@@ -39,9 +50,19 @@ __all__ = [
     "CodebookWeight",
     "WeightFormat",
     "rtn",
+    "pbllm",
+    "billm",
+    "PartialBinaryWeight",
+    "StructuredBinaryWeight",
+    "dbllm",
+    "DualBinaryWeight",
     "hessian",
     "HessianAccumulator",
     "gptq",
+    "nf4",
+    "icq",
+    "NF4Weight",
+    "ICQWeight",
     "HessianNotPositiveDefinite",
     "actquant",
     "awq",
@@ -51,4 +72,10 @@ __all__ = [
     "llama",
     "quantizer",
     "smoothquant",
+    "MixedWeight",
+    "slim_allocate",
+    "slim_llm",
+    "quip",
+    "QuipWeight",
+    "QuipHessianNotPositiveDefinite",
 ]

@@ -2,6 +2,7 @@
 
     refquant quantize --model PATH_OR_ID --method gptq --wbits 4 --group-size 128 --out DIR
     refquant eval --model DIR --ppl wikitext2,c4,ptb
+    refquant eval --model DIR --tasks piqa,arc_easy,arc_challenge,hellaswag,winogrande,mmlu --limit 100
     refquant main --data-dir ../shared/data
     refquant preflight --backend torch --methods gptq
 """
@@ -16,8 +17,24 @@ import time
 import typing
 from pathlib import Path
 
-from . import backends, data, golden, mainjob, pipeline, runs
-from .provenance import portable_path, write_json_atomic
+from . import backends, data, distill, golden, mainjob, pipeline, runs
+from .provenance import portable_path, write_json_atomic, write_text_atomic
+
+try:  # zero-shot / MMLU evaluation needs torch and transformers (refquant/evaluate.py)
+    from . import evaluate
+except ImportError:
+    evaluate = None
+from .study import command as study_command
+
+try:  # `refquant export` (real quantized checkpoints) needs torch and safetensors (refquant/export.py)
+    from . import export as export_cmd
+except ImportError:
+    export_cmd = None
+
+try:  # QLoRA / IR-QLoRA finetuning needs torch, transformers and peft (refquant/finetune.py)
+    from . import finetune
+except ImportError:
+    finetune = None
 
 log = logging.getLogger("refquant")
 
@@ -182,14 +199,40 @@ def _calib_signature(info: dict | None) -> dict:
     return {k: info.get(k) for k in ("dataset", "variant", "seed", "nsamples", "seqlen", "n_tokens", "data_variant")}
 
 
+def _tasks(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    known = evaluate.TASKS if evaluate is not None else ()
+    for n in names:
+        if evaluate is not None and n not in known:
+            raise argparse.ArgumentTypeError(f"unknown task {n!r}; choose from {', '.join(known)}")
+    return names
+
+
 def cmd_eval(a) -> int:
     loaded = runs.load(a.model, a.backend, a.device, a.dtype)
-    ppl = runs.evaluate_ppl(loaded, a.ppl, a.seqlen, a.data_dir, a.max_windows, a.batch_size, stream=a.stream)
+    datasets = a.ppl if a.ppl is not None else ([] if a.tasks else ["wikitext2", "c4", "ptb"])
+    ppl = runs.evaluate_ppl(loaded, datasets, a.seqlen, a.data_dir, a.max_windows, a.batch_size,
+                            stream=a.stream) if datasets else {}
     record = runs.results_record(loaded, None, None, None, ppl, {})
+    table = None
+    if a.tasks:
+        if evaluate is None or loaded.backend != "torch":
+            raise ImportError("--tasks runs on the torch backend: it needs torch and transformers "
+                              "(pip install -e '.[torch]') and --backend torch/auto.")
+        res = evaluate.evaluate(loaded.model, evaluate.load_tokenizer(a.model), a.tasks, limit=a.limit, bos=a.bos,
+                                mmlu_subjects=a.mmlu_subjects, log_samples=a.log_samples, device=loaded.device,
+                                data_dir=a.data_dir, fast=not a.batch1, act_quant=loaded.act_quant,
+                                mmlu_letter_space=a.mmlu_letter_space)
+        record["evaluation"] = res
+        table = evaluate.markdown_table(res)
     out = Path(a.out) if a.out else Path(a.model) / "eval.json" if Path(a.model).is_dir() else Path("eval.json")
     write_json_atomic(out, record)
     for name, r in ppl.items():
         print(f"{name:10s} {r['ppl']:10.4f}  ({r['n_windows']} windows of {r['seqlen']}, {r['data'].get('variant', '')})")
+    if table is not None:
+        write_text_atomic(out.with_suffix(".md"), table)
+        print(table, end="")
+        print(f"saved {out.with_suffix('.md')}")
     print(f"saved {out}")
     return 0
 
@@ -206,6 +249,10 @@ def cmd_preflight(a) -> int:
 
 def cmd_main(a) -> int:
     return mainjob.run_main(a)
+
+
+def cmd_study(a) -> int:
+    return study_command.run_from_args(a, a.table)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,36 +274,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(q)
     q.set_defaults(func=cmd_quantize)
 
-    e = sub.add_parser("eval", help="perplexity of a (quantized) checkpoint")
+    e = sub.add_parser("eval", help="perplexity, zero-shot accuracy and MMLU of a (quantized) checkpoint")
     e.add_argument("--model", default=str(runs.DEFAULT_MODEL))
-    e.add_argument("--ppl", type=_datasets, default=["wikitext2", "c4", "ptb"])
+    e.add_argument("--ppl", type=_datasets, default=None,
+                   help="perplexity data sets (default: wikitext2,c4,ptb unless --tasks is given)")
+    e.add_argument("--tasks", type=_tasks, default=[],
+                   help="piqa,arc_easy,arc_challenge,hellaswag,winogrande,mmlu (the study's protocol, docs/evaluation.md)")
+    e.add_argument("--limit", type=int, default=None, help="the first N documents of each task (MMLU: of each subject)")
+    e.add_argument("--mmlu-subjects", default=None, help="comma-separated MMLU subjects (default: all 57)")
+    e.add_argument("--log-samples", default=None, metavar="OUTDIR", help="write OUTDIR/<task>.jsonl, one line per document")
+    e.add_argument("--bos", action="store_true", help="prepend BOS to the zero-shot contexts (current lm-eval on LLaMA-3)")
+    e.add_argument("--mmlu-letter-space", action="store_true", help='score the tokens of " A".." D" instead of "A".."D"')
+    e.add_argument("--batch1", action="store_true", help="the batch-1 reference path instead of the fast path")
     e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     e.add_argument("--stream", action="store_true", help="one layer on the device at a time (models larger than GPU memory)")
     e.add_argument("--out", default=None, help="results JSON (default: MODEL/eval.json)")
     _add_common(e)
     e.set_defaults(func=cmd_eval)
 
-    m = sub.add_parser("main", help="the study's Table-1 comparison (RTN vs GPTQ at 4/3/2 bits, g128) on the embedded model")
-    m.add_argument("--model", default=str(runs.DEFAULT_MODEL))
-    m.add_argument("--out", default="results/main")
-    m.add_argument("--suite", default="table1", choices=mainjob.suites(),
-                   help="table1: --methods at --bits with --group-size (the study's Table 1); any other suite: the rows "
-                        "the methods declare for it (equalization: SmoothQuant, AWQ vs RTN, AWEQ's ablation; a GPU job)")
-    m.add_argument("--bits", default="4,3,2")
-    m.add_argument("--methods", default="rtn,gptq")
-    m.add_argument("--group-size", type=_group_size, default=128)
-    m.add_argument("--ppl", type=_datasets, default=["wikitext2", "c4", "ptb"])
-    m.add_argument("--nsamples", type=int, default=128)
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--max-eval-windows", type=int, default=None, help="quick look: only the first N windows per dataset")
-    _add_common(m)
+    m = sub.add_parser("main", help="the study on the embedded tiny model: every method in this build, every evaluation, "
+                       "the paper's numbers beside ours (reduced protocol on a CPU; --full or a GPU: the paper's)")
+    mainjob.add_arguments(m)
     m.set_defaults(func=cmd_main)
+
+    st = sub.add_parser("study", help="the LLaMA3 study's tables (recipes) on a model, the paper's numbers beside ours")
+    st.add_argument("--table", default="1", help="1, 2, 3 (comma-separated), a path to your own YAML recipe, 'extras' "
+                    "(the methods' own rows) or suite:NAME")
+    study_command.add_arguments(st)
+    st.set_defaults(func=cmd_study)
 
     p = sub.add_parser("preflight", help="golden parity check of a backend (what a GPU run checks first)")
     p.add_argument("--backend", default="torch", choices=["numpy", "torch"])
     p.add_argument("--device", default="auto")
     p.add_argument("--methods", default="rtn,gptq")
     p.set_defaults(func=cmd_preflight)
+
+    distill.add_parser(sub, _add_common, _datasets)  # DB-LLM's training stage (refquant/distill.py)
+    if export_cmd is not None:
+        export_cmd.add_parser(sub)  # gptq / compressed-tensors / nf4 / refquant checkpoints (refquant/export.py)
+    if finetune is not None:
+        finetune.add_parser(sub, _datasets)  # QLoRA / IR-QLoRA (refquant/finetune.py)
     return ap
 
 

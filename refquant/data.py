@@ -523,3 +523,158 @@ def get_eval_tokens(name: str, encode, seqlen: int = 2048,
     tokens = _token_array(encode, sep.join(rows), f"the joined {base} {split} split")
     info.update(n_tokens=len(tokens), join=sep, **_rows_summary(rows_info))
     return tokens, info
+
+
+# --------------------------------------------------------------------------------------------
+# instruction data for LoRA finetuning (QLoRA / IR-QLoRA): the Alpaca layout
+
+#: The Alpaca prompt template of artidoro/qlora and htqin/IR-QLoRA (``ALPACA_PROMPT_DICT``); note the
+#: space after "### Response:".
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: "
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response: "
+)
+#: The Hugging Face id the originals load (``load_dataset("tatsu-lab/alpaca")``).
+ALPACA_HF_ID = "tatsu-lab/alpaca"
+#: ``--data`` value of the stand-in built from local WikiText-2 train text.
+ALPACA_STANDIN = "standin:wikitext2-continue"
+ALPACA_STANDIN_INSTRUCTION = "Continue the following passage from a Wikipedia article."
+_ALPACA_STANDIN_CAVEAT = (
+    "No Alpaca copy exists locally: a stand-in in the Alpaca layout was built from WikiText-2 train "
+    "(the tokenized wikitext-2-v1 split, rare words as <unk>; NOT an evaluation split): every paragraph "
+    "of >= 24 words is one example, instruction = 'Continue the following passage from a Wikipedia "
+    "article.', input = its first third (12..160 words), output = the next <= 96 words. The tiny model "
+    "was pretrained on this text, so the finetuning data is in-domain for it (unlike Alpaca for LLaMA)."
+)
+
+
+def format_alpaca(example: dict) -> str:
+    """The prompt (the collator's source) of one Alpaca example, as the originals'
+    ``extract_alpaca_dataset``: with ``prompt_input`` when ``input`` is non-empty, else ``prompt_no_input``."""
+    for key in ("instruction", "output"):
+        if key not in example:
+            raise ValueError(f"an Alpaca example needs 'instruction', 'input' (may be empty) and 'output'; "
+                             f"{key!r} is missing in {sorted(example)}.")
+    template = ALPACA_PROMPT_INPUT if example.get("input", "") != "" else ALPACA_PROMPT_NO_INPUT
+    return template.format(instruction=example["instruction"], input=example.get("input", ""))
+
+
+def _alpaca_records(rows, where: str) -> list[dict]:
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or "instruction" not in row or "output" not in row:
+            raise ValueError(f"{where}: record {i} is not an Alpaca example (an object with 'instruction', "
+                             f"'input', 'output'); got {str(row)[:120]!r}.")
+        out.append({"instruction": str(row["instruction"]), "input": str(row.get("input", "") or ""),
+                    "output": str(row["output"])})
+    if not out:
+        raise ValueError(f"{where} has no examples.")
+    return out
+
+
+def alpaca_standin(data_dir: str | os.PathLike | None = None, max_examples: int | None = None) -> tuple[list[dict], dict]:
+    """The local Alpaca stand-in: WikiText-2 train paragraphs as "continue the text" examples.
+
+    Rows come from :func:`load_rows` ``("wikitext2", "train")`` (the raw split if present, else the
+    tokenized stand-in); headings (``= ... =``) and paragraphs under 24 words are skipped. For a
+    paragraph of ``n`` words: ``input`` = the first ``min(max(12, n // 3), 160)`` words, ``output`` =
+    the next at most 96. Deterministic; ``max_examples`` keeps the first ones.
+    """
+    rows, info = load_rows("wikitext2", "train", data_dir)
+    records = []
+    for row in rows:
+        line = row.strip()
+        if not line or line.startswith("="):
+            continue
+        words = line.split()
+        if len(words) < 24:
+            continue
+        cut = min(max(12, len(words) // 3), 160)
+        records.append({"instruction": ALPACA_STANDIN_INSTRUCTION, "input": " ".join(words[:cut]),
+                        "output": " ".join(words[cut:cut + 96])})
+        if max_examples is not None and len(records) >= max_examples:
+            break
+    out = {"name": ALPACA_STANDIN, "layout": "alpaca (instruction, input, output)", "n_examples": len(records),
+           "built_from": {k: info[k] for k in ("dataset", "split", "source", "variant")}, "caveat": _ALPACA_STANDIN_CAVEAT}
+    return records, out
+
+
+def load_alpaca(source: str, data_dir: str | os.PathLike | None = None, split: str = "train",
+                max_examples: int | None = None) -> tuple[list[dict], dict]:
+    """Alpaca-layout examples (``instruction``, ``input``, ``output``) and where they came from.
+
+    ``source`` is one of:
+
+    * :data:`ALPACA_STANDIN` (``"standin:wikitext2-continue"``): :func:`alpaca_standin`;
+    * a local ``alpaca_data.json`` (a JSON list of objects, Stanford's layout) or ``.jsonl`` file;
+    * a local directory or a Hugging Face dataset id (``tatsu-lab/alpaca``, as the originals), read
+      with ``datasets.load_dataset(source)[split]`` (needs ``datasets``; a directory saved by
+      ``save_to_disk`` is read with ``datasets.load_from_disk``).
+
+    The ``info`` dict names the data (``name``, ``source``, ``n_examples``, + ``caveat`` for the stand-in);
+    paths are recorded relative (never a machine's absolute path).
+    """
+    if source == ALPACA_STANDIN:
+        return alpaca_standin(data_dir, max_examples)
+    path = pathlib.Path(source).expanduser()
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path.name}: not a JSON file in the alpaca_data.json layout ({e}).") from e
+            if isinstance(rows, dict):  # {"train": [...]} style
+                rows = rows.get(split, rows.get("data"))
+            if not isinstance(rows, list):
+                raise ValueError(f"{path.name}: expected a JSON list of {{instruction, input, output}} objects.")
+        records = _alpaca_records(rows, path.name)
+        kind = "local file"
+    else:
+        try:
+            import datasets
+        except ImportError as e:
+            raise DatasetNotFound(
+                f"{source!r} is neither the stand-in ({ALPACA_STANDIN!r}) nor a local file, and Hugging Face "
+                "`datasets` is not installed to load it as a dataset id or directory. Pass an alpaca_data.json "
+                "path, or install datasets (pip install 'refquant[hf]')."
+            ) from e
+        try:
+            if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+                ds = datasets.load_from_disk(str(path))
+            else:
+                ds = datasets.load_dataset(str(source))
+            if hasattr(ds, "keys"):
+                ds = ds[split]
+        except Exception as e:
+            raise DatasetNotFound(f"datasets could not load {source!r} (split {split!r}): {type(e).__name__}: {e}") from e
+        records = _alpaca_records(list(ds), str(source))
+        kind = "local directory" if path.is_dir() else "huggingface"
+    if max_examples is not None:
+        records = records[:max_examples]
+    recorded = path.name if path.exists() else str(source)
+    return records, {"name": recorded, "source": kind, "layout": "alpaca (instruction, input, output)",
+                     "n_examples": len(records)}
+
+
+def alpaca_train_eval_split(n: int, eval_size: int, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the originals' held-out split: ``train_test_split(test_size=eval_size, shuffle=True, seed=42)``.
+
+    ``datasets`` draws ``np.random.default_rng(seed).permutation(n)``; the test rows are its first
+    ``eval_size`` entries, the train rows the rest (in permutation order). ``eval_size=0``: no split,
+    train = ``range(n)``.
+    """
+    if eval_size <= 0:
+        return np.arange(n), np.zeros(0, dtype=np.int64)
+    if eval_size >= n:
+        raise ValueError(f"eval_size={eval_size} leaves no training example out of {n}; use a smaller eval size.")
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[eval_size:], perm[:eval_size]

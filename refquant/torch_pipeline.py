@@ -299,8 +299,9 @@ def fuse_layer(layer):
 
 def _fusable(model) -> bool:
     layer = model.model.layers[0]
-    return all(module(layer, n).bias is None for n in llama.LINEARS) and \
-        getattr(model.config, "hidden_act", "silu") == "silu"
+    # plain nn.Linear only: a wrapped or quantized linear (LoRA adapters, an NF4 base) runs its own forward
+    return all(isinstance(module(layer, n), torch.nn.Linear) and module(layer, n).bias is None for n in llama.LINEARS) \
+        and getattr(model.config, "hidden_act", "silu") == "silu"
 
 
 @torch.no_grad()

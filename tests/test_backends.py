@@ -37,7 +37,10 @@ from refquant import backends  # noqa: E402
 from refquant.backends import get_backend  # noqa: E402
 from refquant.backends import gptq_kernels as GK  # noqa: E402
 from refquant.backends import torch_backend as TB  # noqa: E402
-from refquant.backends.protocols import PROTOCOLS, AWQOps, EqualizationOps, GPTQOps, PipelineOps, QuantOps  # noqa: E402
+from refquant.backends.protocols import (  # noqa: E402
+    PROTOCOLS, AWQOps, BinarizationOps, DBLLMOps, EqualizationOps, GPTQOps, NormalFloatOps, PipelineOps, QuantOps,
+    QuipOps, SliMOps,
+)
 from refquant.spec.stats import ChannelStats  # noqa: E402
 from tools.bench_gptq import benchmark_gptq  # noqa: E402
 
@@ -172,6 +175,11 @@ FAMILY_OPS = {
     EqualizationOps: EQUALIZATION_OPS,
     AWQOps: EQUALIZATION_OPS | {"awq_linear_stats", "awq_search_scale", "awq_search_scale_stats", "awq_search_clip",
                                 "apply_clip"},
+    NormalFloatOps: {"nf4", "icq"},
+    SliMOps: {"slim_search", "slim_allocate", "slim_llm"},
+    DBLLMOps: {"dbllm"},
+    QuipOps: {"quip", "quip_many"},
+    BinarizationOps: {"pbllm", "pbllm_shared", "billm", "billm_shared"},
 }
 FAMILIES = {"numpy": PROTOCOLS, "torch": PROTOCOLS, "cupy": (QuantOps, GPTQOps)}
 
@@ -221,7 +229,7 @@ def test_protocol_checks_can_fail():
         gptq_shared = None
 
     assert not isinstance(NoClip(), AWQOps) and isinstance(NoClip(), EqualizationOps)
-    assert NoClip().families == ("QuantOps", "GPTQOps", "PipelineOps", "EqualizationOps")
+    assert NoClip().families == tuple(p.__name__ for p in PROTOCOLS if p is not AWQOps)
     assert not isinstance(NoGptqShared(), GPTQOps) and isinstance(NoGptqShared(), QuantOps)
     assert not any(isinstance(object(), p) for p in PROTOCOLS)
 

@@ -24,6 +24,9 @@ Benchmarks (in this order; ``--skip`` drops some, ``--methods`` picks the quanti
   wall time, per-layer seconds, peak allocated/reserved device memory. Quantized codes are copied
   to the host and dropped after each layer (``--codes offload``, what a run that writes every layer
   to disk costs; ``keep`` leaves them on the device as ``quantize_model`` does by itself);
+* ``eval_zero_shot``, ``eval_mmlu`` (with ``--eval``; ``tools/bench_eval.py``): the five zero-shot
+  tasks and MMLU 5-shot through ``refquant.evaluate``'s fast path on the resident model, requests
+  sized to the study's LLaMA-3 token counts (see that file);
 * ``micro_gptq``: ``tools/bench_gptq.benchmark_gptq(detail=True)`` on the shape's GPTQ
   matrices (q/k/v together, o, gate/up together, down): algorithm time without the model. Last,
   because its warm-up compiles the Triton kernel in this process, which the end-to-end GPTQ run
@@ -117,6 +120,10 @@ TARGETS = {
         "ppl": [("seconds", 7.0, "s")],
         "quantize_awq": [("wall_s", 60.0, "s"), ("peak_allocated_gib", 16.0, "GiB")],
         "quantize_smoothquant": [("wall_s", 15.0, "s")],
+        "quantize_quip": [("wall_s", 73.2, "s")],      # within 2x of GPTQ's 36.6 s (issue 11)
+        "quantize_slim": [("wall_s", 300.0, "s")],     # SliM-LLM w3 g128 incl. its allocation search (issue 11)
+        "eval_zero_shot": [("seconds", 60.0, "s")],  # the five tasks, 60,566 requests (issue 13)
+        "eval_mmlu": [("seconds", 60.0, "s")],       # 14,042 questions, 5-shot
     },
     "llama3-70b": {
         "quantize_gptq": [("wall_s", 480.0, "s"), ("peak_allocated_gib", 24.0, "GiB")],
@@ -125,7 +132,7 @@ TARGETS = {
 TARGET_CALIBRATION = (128, 2048)
 TARGET_PPL_TOKENS = (140 * 2048, 155 * 2048)  # "about 300k tokens" (147 windows = 301,056)
 
-SKIPPABLE = ("micro", "rtn-resident", "ppl", "quantize")
+SKIPPABLE = ("micro", "rtn-resident", "ppl", "quantize", "eval")
 RESIDENT_MAX_FRACTION = 0.8  # the resident benchmarks need the whole bf16 model on the device, with room to spare
 
 
@@ -419,6 +426,8 @@ def _target_conditions(b: Bench, name: str) -> str | None:
     a = b.args
     if name.startswith("quantize_") and (a.nsamples, a.seqlen) != TARGET_CALIBRATION:
         return f"targets are for {TARGET_CALIBRATION[0]} x {TARGET_CALIBRATION[1]} calibration tokens"
+    if name.startswith("eval_") and a.eval_limit is not None:
+        return "targets are for the full task sets (no --eval-limit)"
     if name == "ppl":
         tokens = a.ppl_windows * a.seqlen
         if a.seqlen != 2048 or not TARGET_PPL_TOKENS[0] <= tokens <= TARGET_PPL_TOKENS[1]:
@@ -602,6 +611,8 @@ def run_resident(b: Bench, want_rtn: bool, want_ppl: bool) -> None:
                     b.model.model.layers[i] = layer
                 materialize_lm_head(b.model, b.device, b.args.seed)
                 _run_one(b, "ppl", lambda: bench_ppl(b))
+        if b.args.eval:
+            run_eval(b, layers)
     finally:
         for i, layer in enumerate(meta_layers):
             b.model.model.layers[i] = layer
@@ -610,6 +621,30 @@ def run_resident(b: Bench, want_rtn: bool, want_ppl: bool) -> None:
             b.model.model.embed_tokens.to(embed_home)
         del layers
         _free(b.device)
+
+
+def run_eval(b: Bench, layers) -> None:
+    """The evaluation benchmarks (``--eval``; ``tools/bench_eval.py``) on the resident model."""
+    from tools.bench_eval import bench_mmlu, bench_zero_shot
+
+    from refquant import data as rq_data
+
+    a = b.args
+    if rq_data.resolve_data_dir(a.data_dir) is None:
+        for name in ("eval_zero_shot", "eval_mmlu"):
+            b.skip(name, "no evaluation data: pass --data-dir or set REFQUANT_DATA_DIR")
+        return
+    for i, layer in enumerate(layers):
+        b.model.model.layers[i] = layer
+    materialize_lm_head(b.model, b.device, a.seed)
+    for name, fn in (("eval_zero_shot", lambda: bench_zero_shot(b.model, a.data_dir, a.seed, a.eval_token_budget,
+                                                                a.eval_limit)),
+                     ("eval_mmlu", lambda: bench_mmlu(b.model, a.data_dir, b.cfg.bos_token_id, a.seed,
+                                                      a.eval_token_budget, a.eval_limit))):
+        if b.budget.exhausted():
+            b.skip(name, "time budget spent")
+        else:
+            _run_one(b, name, fn)
 
 
 def overrides_for(a, method: str) -> dict:
@@ -661,8 +696,9 @@ def bench_quantize(b: Bench, method: str) -> dict:
         t = time.perf_counter()
         if a.codes == "offload":  # what writing the layer costs at least: codes leave the device
             for qw in record.quantized.values():
-                for x in (qw.codes, qw.scale, qw.zero, qw.g_idx):
-                    x.to("cpu")
+                for x in vars(qw).values():  # every tensor field of the format (affine, mixed, binary, ...)
+                    if hasattr(x, "to") and hasattr(x, "device"):
+                        x.to("cpu")
         if a.codes in ("offload", "drop"):
             record.quantized.clear()
         offload_s[0] += time.perf_counter() - t
@@ -799,6 +835,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--method-budget-s", type=float, default=None,
                     help="stop each quantization between layers after this many seconds (total extrapolated)")
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    ap.add_argument("--eval", action="store_true",
+                    help="also the evaluation benchmarks (five zero-shot tasks, MMLU 5-shot; tools/bench_eval.py) on "
+                         "the resident model; they read the data directory")
+    ap.add_argument("--data-dir", default=None, help="evaluation data (layout of ../shared/data; else $REFQUANT_DATA_DIR)")
+    ap.add_argument("--eval-limit", type=int, default=None, help="first N documents per task / questions per subject")
+    ap.add_argument("--eval-token-budget", type=int, default=None, help="padded tokens per evaluation batch (65536)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench-results.json")
     ap.add_argument("--strict", action="store_true", help="re-raise the first benchmark error (tests)")
@@ -809,6 +851,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.seqlen = a.seqlen or shape.seqlen
     a.ppl_windows = a.ppl_windows or shape.ppl_windows
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    a.eval = a.eval and "eval" not in a.skip
     a.set = dict(a.set)
     known = {f.name for m in pipeline.METHODS.values() for f in dataclasses.fields(m.Options)} | {
         f.name for f in dataclasses.fields(pipeline.QuantConfig)} - {"method", "options"}
@@ -881,7 +924,7 @@ def _run_benchmarks(b: Bench) -> None:
     for name, want, flag in (("rtn_resident", want_rtn, "rtn-resident"), ("ppl", want_ppl, "ppl")):
         if not want:
             b.doc["skipped"][name] = f"--skip {flag}"
-    if want_rtn or want_ppl:
+    if want_rtn or want_ppl or a.eval:
         if a.layers is not None:
             for name, want in (("rtn_resident", want_rtn), ("ppl", want_ppl)):
                 if want:
@@ -942,7 +985,8 @@ def run(argv=None) -> dict:
                   "layers_run": cfg.num_hidden_layers, "gptq_matrices": gptq_matrices(cfg)},
         "settings": {k: getattr(a, k) for k in ("methods", "skip", "nsamples", "seqlen", "batch_size", "ppl_windows",
                                                "ppl_batch_size", "layers", "micro_repeats", "codes", "embed_on",
-                                               "time_budget_s", "method_budget_s", "seed", "set")},
+                                               "time_budget_s", "method_budget_s", "seed", "set", "eval",
+                                               "eval_limit", "eval_token_budget")},
         "benchmarks": {},
         "skipped": {},
         "targets": [],

@@ -17,11 +17,16 @@ from . import Backend
 from .equalization_ops import NumpyAWQOps, NumpyEqualizationOps
 from .numpy_quant import NumpyGPTQOps, NumpyQuantOps, as_numpy, check_shared
 from .pipeline_ops import NumpyPipelineOps
+from .numpy_slim import NumpySliMOps
+from .dbllm_ops import NumpyDBLLMOps
+from .normalfloat_ops import NumpyNormalFloatOps
+from .quip_ops import NumpyQuipOps
+from .numpy_binarization import NumpyBinarizationOps
 
 __all__ = ["NumpyBackend", "as_numpy", "check_shared"]
 
 
-class NumpyBackend(NumpyQuantOps, NumpyGPTQOps, NumpyPipelineOps, NumpyEqualizationOps, NumpyAWQOps, Backend):
+class NumpyBackend(NumpyQuantOps, NumpyGPTQOps, NumpyPipelineOps, NumpyEqualizationOps, NumpyAWQOps, NumpyDBLLMOps, NumpySliMOps, NumpyNormalFloatOps, NumpyQuipOps, NumpyBinarizationOps, Backend):
     """refquant on NumPy arrays (float64): QuantOps, GPTQOps, PipelineOps, EqualizationOps, AWQOps."""
 
     name = "numpy"

@@ -29,7 +29,7 @@ from typing import Protocol, runtime_checkable
 
 from ..spec.awq import CLIP_MAX_SHRINK, CLIP_N_GRID, CLIP_N_SAMPLE_TOKENS, N_GRID
 
-__all__ = ["QuantOps", "GPTQOps", "PipelineOps", "EqualizationOps", "AWQOps", "PROTOCOLS"]
+__all__ = ["QuantOps", "GPTQOps", "PipelineOps", "EqualizationOps", "AWQOps", "DBLLMOps", "SliMOps", "NormalFloatOps", "QuipOps", "BinarizationOps", "PROTOCOLS"]
 
 
 @runtime_checkable
@@ -148,5 +148,87 @@ class AWQOps(EqualizationOps, Protocol):
         ...
 
 
-PROTOCOLS = (QuantOps, GPTQOps, PipelineOps, EqualizationOps, AWQOps)
+@runtime_checkable
+class DBLLMOps(Protocol):
+    """DB-LLM's Flexible Dual Binarization (:mod:`refquant.spec.dbllm`)."""
+
+    def dbllm(self, W, H=None, *, group_size=128, sym=False, offset="zero_point", steps=0, resplit=True):
+        """:func:`refquant.spec.dbllm.dbllm`: a :class:`refquant.DualBinaryWeight` of this backend's arrays."""
+        ...
+
+
+@runtime_checkable
+class SliMOps(Protocol):
+    """SliM-LLM's allocation search and quantizer (:mod:`refquant.spec.slim`)."""
+
+    def slim_search(self, W, H, X, *, bits, group_size=128):
+        """:func:`refquant.spec.slim.slim_search`: a :class:`refquant.spec.slim.SliMSearch` (host NumPy arrays)."""
+        ...
+
+    def slim_allocate(self, W, H, X, *, bits, group_size=128):
+        """:func:`refquant.slim_allocate`: int64 NumPy array of per-group widths."""
+        ...
+
+    def slim_llm(self, W, H, *, bits, group_bits, group_size=128, percdamp=0.01, lambda_salience=1.0,
+                 sym_quirk=True, salience_damp=0.01):
+        """:func:`refquant.slim_llm`: a :class:`refquant.MixedWeight` of this backend's arrays."""
+        ...
+
+
+@runtime_checkable
+class NormalFloatOps(Protocol):
+    """NF4 (bitsandbytes' CUDA kernel) and IR-QLoRA's ICQ (:mod:`refquant.spec.normalfloat`, :mod:`refquant.spec.icq`)."""
+
+    def nf4(self, W, *, blocksize=64, double_quant=False):
+        """:func:`refquant.nf4`: a :class:`refquant.NF4Weight` of this backend's arrays."""
+        ...
+
+    def icq(self, W, *, blocksize=64, double_quant=False, tau_range=0.1, tau_n=100, blocksize2=256):
+        """:func:`refquant.icq`: a :class:`refquant.ICQWeight` of this backend's arrays."""
+        ...
+
+
+@runtime_checkable
+class QuipOps(Protocol):
+    """QuIP: incoherence processing + LDLQ (:mod:`refquant.spec.quip`)."""
+
+    def quip(self, W, H, *, bits, U=None, V=None, seed=0, rescale=True, incoherence=True, rounding="ldlq",
+             npasses=0, percdamp=0.01):
+        """:func:`refquant.quip`: a :class:`refquant.QuipWeight` of this backend's arrays."""
+        ...
+
+    def quip_many(self, Ws, Hs, seeds, *, bits, rescale=True, incoherence=True, rounding="ldlq", npasses=0,
+                  percdamp=0.01):
+        """Several matrices, each with its own Hessian and seed; equal to separate :meth:`quip` calls."""
+        ...
+
+
+@runtime_checkable
+class BinarizationOps(Protocol):
+    """PB-LLM and BiLLM (:mod:`refquant.spec.pbllm`, :mod:`refquant.spec.billm`; shared primitives in
+    :mod:`refquant.spec.binarize`)."""
+
+    def pbllm(self, W, H, *, low_frac=0.9, high_bits=8, salient_metric="hessian", blocksize=128, percdamp=0.01,
+              group_size=None, binarizer_stats="code"):
+        """:func:`refquant.pbllm`: a :class:`refquant.PartialBinaryWeight` of this backend's arrays."""
+        ...
+
+    def pbllm_shared(self, Ws, H, *, low_frac=0.9, high_bits=8, salient_metric="hessian", blocksize=128,
+                     percdamp=0.01, group_size=None, binarizer_stats="code"):
+        """Several matrices with one Hessian; equal to ``[pbllm(W, H, ...) for W in Ws]``."""
+        ...
+
+    def billm(self, W, H, *, blocksize=128, percdamp=0.01, salient_metric="hessian", search_on="saliency",
+              narrow_blocks="extend"):
+        """:func:`refquant.billm`: a :class:`refquant.StructuredBinaryWeight` of this backend's arrays."""
+        ...
+
+    def billm_shared(self, Ws, H, *, blocksize=128, percdamp=0.01, salient_metric="hessian", search_on="saliency",
+                     narrow_blocks="extend"):
+        """Several matrices with one Hessian; equal to ``[billm(W, H, ...) for W in Ws]``."""
+        ...
+
+
+PROTOCOLS = (QuantOps, GPTQOps, PipelineOps, EqualizationOps, AWQOps, DBLLMOps, SliMOps, NormalFloatOps, QuipOps,
+             BinarizationOps)
 """Every operation family, for discovery (``[p.__name__ for p in PROTOCOLS if isinstance(be, p)]``)."""

@@ -37,11 +37,16 @@ from .torch_quant import (
 from . import Backend, torch_quant
 from .equalization_ops import TorchAWQOps, TorchEqualizationOps
 from .pipeline_ops import TorchChannelStats, TorchPipelineOps
+from .torch_slim import TorchSliMOps
+from .torch_dbllm import TorchDBLLMOps
+from .normalfloat_ops import TorchNormalFloatOps
+from .torch_quip import TorchQuipOps
+from .torch_binarization import TorchBinarizationOps
 
 __all__ = ["TorchBackend", "TorchChannelStats", "FP64_FACTOR_MAX", *torch_quant.__all__]  # the helpers re-exported
 
 
-class TorchBackend(TorchQuantOps, TorchGPTQOps, TorchPipelineOps, TorchEqualizationOps, TorchAWQOps, Backend):
+class TorchBackend(TorchQuantOps, TorchGPTQOps, TorchPipelineOps, TorchEqualizationOps, TorchAWQOps, TorchDBLLMOps, TorchNormalFloatOps, TorchBinarizationOps, TorchSliMOps, TorchQuipOps, Backend):
     """refquant's algorithms in torch on CPU or CUDA (Triton block kernel on CUDA): QuantOps, GPTQOps,
     PipelineOps, EqualizationOps, AWQOps."""
 

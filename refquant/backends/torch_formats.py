@@ -15,6 +15,8 @@ the device of the format's torch fields (CPU when it has none). Only this module
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 try:
@@ -28,6 +30,10 @@ except ImportError as e:  # pragma: no cover - depends on the machine
 
 from ..spec._xp import to_numpy
 from ..spec.formats import AffineWeight, BinaryWeight, CodebookWeight, WeightFormat
+from ..spec.formats import DualBinaryWeight
+from ..spec.formats import QuipWeight
+from ..spec.formats import MixedWeight
+from ..spec.formats import PartialBinaryWeight, StructuredBinaryWeight
 
 __all__ = ["dequantize", "to_torch", "TWINS"]
 
@@ -68,8 +74,57 @@ def _codebook(fmt: CodebookWeight, device, dtype) -> torch.Tensor:
     return to_torch(fmt.codebook, device, dtype)[to_torch(fmt.codes, device, torch.int64)] * absmax[block]
 
 
+def _dual_binary(fmt: DualBinaryWeight, device, dtype) -> torch.Tensor:
+    cols = int(fmt.shape[1])
+    idx = torch.arange(cols, device=device)
+    g = idx * 0 if fmt.group_size is None else idx // int(fmt.group_size)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    W = (torch.where(to_torch(fmt.b1, device, torch.bool), to_torch(fmt.a1, device, dtype)[:, g], zero)
+         + torch.where(to_torch(fmt.b2, device, torch.bool), to_torch(fmt.a2, device, dtype)[:, g], zero))
+    return W if fmt.offset is None else W + to_torch(fmt.offset, device, dtype)[:, g]
+
+
+def _quip(fmt: QuipWeight, device, dtype) -> torch.Tensor:
+    """QuIP: the format's own ``dequantize`` (array-agnostic) on torch fields (permutations int64, codes kept)."""
+    moved = {}
+    for f in dataclasses.fields(fmt):
+        v = getattr(fmt, f.name)
+        if f.name in ("scale", "bits", "seed", "rotation", "info") or v is None:
+            continue
+        kind = to_torch(v).dtype
+        moved[f.name] = to_torch(v, device, None if not kind.is_floating_point else dtype)
+    return dataclasses.replace(fmt, **moved).dequantize().to(dtype)
+
+
+def _mixed(fmt: MixedWeight, device, dtype) -> torch.Tensor:
+    """SliM-LLM's mixed widths: ``scale * (codes - zero)``, 1-bit groups ``(codes - 1) * scale + zero``."""
+    cols = int(fmt.shape[1])
+    g = torch.arange(cols, device=device) // int(fmt.group_size)
+    S, Z = to_torch(fmt.scale, device, dtype)[:, g], to_torch(fmt.zero, device, dtype)[:, g]
+    codes = to_torch(fmt.codes, device, dtype)
+    one = (to_torch(fmt.group_bits, device, torch.int64) == 1)[g][None, :]
+    return torch.where(one, (codes - 1) * S + Z, S * (codes - Z))
+
+
 #: Format class -> its torch ``dequantize(fmt, device, dtype)``.
-TWINS = {AffineWeight: _affine, BinaryWeight: _binary, CodebookWeight: _codebook}
+TWINS = {AffineWeight: _affine, BinaryWeight: _binary, CodebookWeight: _codebook, DualBinaryWeight: _dual_binary,
+         QuipWeight: _quip, MixedWeight: _mixed}
+
+
+def _fields_on(fmt, device, dtype):
+    """The format with its float fields as ``dtype`` and its other arrays as torch tensors on ``device``:
+    PB-LLM's and BiLLM's ``dequantize()`` are written for any array library (refquant/spec/formats.py)."""
+    moved = {}
+    for f in dataclasses.fields(fmt):
+        v = getattr(fmt, f.name)
+        if hasattr(v, "shape"):
+            t = to_torch(v, device)
+            moved[f.name] = t.to(dtype) if t.is_floating_point() else t
+    return dataclasses.replace(fmt, **moved).dequantize()
+
+
+TWINS[PartialBinaryWeight] = _fields_on
+TWINS[StructuredBinaryWeight] = _fields_on
 
 
 def _device_of(fmt) -> torch.device:
