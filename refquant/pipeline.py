@@ -486,6 +486,8 @@ def quantize_model(runner: Runner, config: QuantConfig, calib_ids: np.ndarray | 
                     fp_out = runner.forward(layer, acts) if method.propagate == "fp" else None
                     replay(i, layer)
                     acts = fp_out if fp_out is not None else runner.forward(layer, acts, runner.saved_hooks(i))
+                else:  # no calibration (RTN, DB-LLM's FDB): the saved layer still replaces the FP one
+                    replay(i, layer)
                 runner.finish_layer(i, layer)
             continue
         ctx = LayerContext(index=i, layer=layer, runner=runner, config=config, inputs=acts, timer=timer)
