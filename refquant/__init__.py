@@ -23,22 +23,21 @@ The spec modules of the equalization methods are attributes: ``rq.awq``, ``rq.sm
 """
 from ._version import __version__
 from .spec import actquant, awq, aweq, equalize, formats, llama, quantizer, smoothquant
-from .spec.formats import AffineWeight, BinaryWeight, CodebookWeight, QuantizedWeight, WeightFormat
+from .spec.billm import billm
+from .spec.dbllm import dbllm
+from .spec.formats import (
+    AffineWeight, BinaryWeight, CodebookWeight, DualBinaryWeight, MixedWeight, PartialBinaryWeight, QuantizedWeight,
+    QuipWeight, StructuredBinaryWeight, WeightFormat,
+)
 from .spec.gptq import HessianNotPositiveDefinite, gptq
 from .spec.hessian import HessianAccumulator, hessian
-from .spec.quantizer import QuantSpec
-from .spec.rtn import rtn
-from .spec.formats import MixedWeight
-from .spec.slim import slim_allocate, slim_llm
-from .spec.dbllm import dbllm
-from .spec.formats import DualBinaryWeight
-from .spec.pbllm import pbllm
-from .spec.billm import billm
-from .spec.formats import PartialBinaryWeight, StructuredBinaryWeight
-from .spec.formats import QuipWeight
-from .spec.quip import HessianNotPositiveDefinite as QuipHessianNotPositiveDefinite, quip
-from .spec.normalfloat import NF4Weight, nf4
 from .spec.icq import ICQWeight, icq
+from .spec.normalfloat import NF4Weight, nf4
+from .spec.pbllm import pbllm
+from .spec.quantizer import QuantSpec
+from .spec.quip import HessianNotPositiveDefinite as QuipHessianNotPositiveDefinite, quip
+from .spec.rtn import rtn
+from .spec.slim import slim_allocate, slim_llm
 from . import methods  # noqa: F401  (the application: every method's wiring unit registers itself)
 
 __all__ = [

@@ -29,11 +29,10 @@ except ImportError as e:  # pragma: no cover - depends on the machine
     ) from e
 
 from ..spec._xp import to_numpy
-from ..spec.formats import AffineWeight, BinaryWeight, CodebookWeight, WeightFormat
-from ..spec.formats import DualBinaryWeight
-from ..spec.formats import QuipWeight
-from ..spec.formats import MixedWeight
-from ..spec.formats import PartialBinaryWeight, StructuredBinaryWeight
+from ..spec.formats import (
+    AffineWeight, BinaryWeight, CodebookWeight, DualBinaryWeight, MixedWeight, PartialBinaryWeight,
+    QuipWeight, StructuredBinaryWeight, WeightFormat,
+)
 
 __all__ = ["dequantize", "to_torch", "TWINS"]
 
