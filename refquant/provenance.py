@@ -17,14 +17,17 @@ PACKAGES = ("numpy", "scipy", "torch", "transformers", "tokenizers", "safetensor
 
 
 def git_commit() -> str:
-    """HEAD of the refquant checkout (``+dirty`` with uncommitted changes), or ``unknown``."""
+    """``$REFQUANT_GIT_COMMIT`` when set (a copied tree, e.g. the GPU machine's, may carry a stale ``.git``),
+    else HEAD of the refquant checkout (``+dirty`` with uncommitted changes), or ``unknown``."""
+    if os.environ.get("REFQUANT_GIT_COMMIT"):
+        return os.environ["REFQUANT_GIT_COMMIT"]
     try:
         sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True, stderr=subprocess.DEVNULL).strip()
         dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, text=True,
                                         stderr=subprocess.DEVNULL).strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("REFQUANT_GIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def portable_path(path: str | os.PathLike) -> str:

@@ -26,6 +26,7 @@ transformers = pytest.importorskip("transformers")
 
 from tools import prepare_tiny_data as prep  # noqa: E402
 from tools import train_tiny_llama as ttl  # noqa: E402
+from refquant import provenance  # noqa: E402
 from tools import train_tokenizer as ttok  # noqa: E402
 
 GOLDEN = ROOT / "golden" / "models" / "tiny-llama3"
@@ -378,3 +379,11 @@ def test_training_is_seeded_and_output_write_is_atomic(smoke_run, small_data, sm
         ttl.train(tmp_path / "z", data=small_data, tokenizer_dir=other, hyper=SMOKE, arch=ttl.MICRO_ARCH,
                   device="cpu", log=_quiet)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "other-tok"]
+
+
+def test_git_commit_prefers_the_environment(monkeypatch):
+    """A copied tree (the GPU machine's) may hold a stale .git: REFQUANT_GIT_COMMIT, when set, is what is recorded."""
+    monkeypatch.setenv("REFQUANT_GIT_COMMIT", "abc1234")
+    assert provenance.git_commit() == "abc1234"
+    monkeypatch.delenv("REFQUANT_GIT_COMMIT")
+    assert provenance.git_commit() != "abc1234"
