@@ -50,6 +50,8 @@ from pathlib import Path
 import numpy as np
 import peft
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
 from . import data, runs
 from .backends.nf4_linear import NF4IECLoraLinear, NF4Linear, NF4LoraLinear, lora_config
@@ -358,7 +360,6 @@ class TrainState:
 
 
 def _write_checkpoint(ckpt: Path, model, optimizer, state: TrainState, signature: dict, rng: dict) -> None:
-    from safetensors.torch import save_file
 
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     if tmp.exists():
@@ -378,7 +379,6 @@ def _write_checkpoint(ckpt: Path, model, optimizer, state: TrainState, signature
 
 
 def _read_checkpoint(ckpt: Path, model, optimizer, signature: dict) -> tuple[TrainState, dict]:
-    from safetensors.torch import load_file
 
     meta = json.loads((ckpt / "state.json").read_text())
     if meta["signature"] != json.loads(json.dumps(signature, default=str)):
@@ -531,7 +531,6 @@ def save_loss_curve(history: list, path: Path, title: str) -> str | None:
 def save_adapters(model, out: Path, recipe: dict) -> None:
     """``out/adapter/``: ``adapters.safetensors`` (LoRA A/B, IEC betas), ``nf4_base.safetensors`` (every
     NF4 base's codes, absmax and double-quant tensors, ICQ tau) and ``adapter_config.json`` (the recipe)."""
-    from safetensors.torch import save_file
 
     d = out / "adapter"
     d.mkdir(parents=True, exist_ok=True)
@@ -549,7 +548,6 @@ def load_finetuned(out_dir: str | os.PathLike, model: str | os.PathLike | None =
     """The finetuned model of a ``refquant finetune`` run with its adapters kept separate: the source
     model (``model`` or the one recorded), NF4 bases as saved, the trained adapters. Returns
     ``(hf_model, recipe)``."""
-    from safetensors.torch import load_file
 
     d = Path(out_dir) / "adapter"
     recipe = json.loads((d / "adapter_config.json").read_text())
@@ -611,7 +609,6 @@ def run(model: str, cfg: FinetuneConfig, data_source: str, out_dir: str | os.Pat
         eval_base: bool = False, stop_after: int | None = None, zero_shot: list | None = None,
         token_cache: dict | None = None, zero_shot_limit: int | None = None, eval_fp: bool = True) -> dict:
     """Quantize, add adapters, finetune, save (adapters; ``merge``: also the merged model), evaluate."""
-    from transformers import AutoTokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,7 @@ def test_icq_on_a_llama_sized_slice_is_bit_identical():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="timing target is for the H200")
-def test_nf4_of_the_llama3_8b_linears_takes_under_2_seconds():
+def test_nf4_of_the_llama3_8b_linears_reports_its_time():
     """NF4 + double quantization of every linear of LLaMA3-8B (32 layers x q,k,v,o,gate,up,down; 6.98e9
     weights), bf16 weights resident on the GPU, one layer's weights regenerated per layer (timed: only the
     quantization). The issue's target: < 2 s."""
@@ -82,9 +82,10 @@ def test_nf4_of_the_llama3_8b_linears_takes_under_2_seconds():
     total = 0.0
     for _ in range(32):
         t = time.perf_counter()
-        for W in Ws:
-            ops.torch_nf4_quantize(W, double_quant=True)
+        qs = [ops.torch_nf4_quantize(W, double_quant=True) for W in Ws]
         _sync()
         total += time.perf_counter() - t
     print(f"\nNF4+DQ of the LLaMA3-8B linears: {total:.3f} s (target < 2 s: a benchmark figure, not asserted)")
-    assert np.isfinite(total)
+    for W, q in zip(Ws, qs):  # what was timed produced whole, valid NF4 tensors
+        assert q.codes.numel() == W.numel() and int(q.codes.max()) <= 15
+        assert torch.isfinite(q.absmax).all() and q.absmax.numel() == W.numel() // 64
