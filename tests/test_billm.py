@@ -2,6 +2,8 @@
 binarization, bit accounting, serialization, nasty inputs, narrow blocks and input validation."""
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -22,19 +24,22 @@ def run(W, H, **kw):
 
 
 def naive_residual(x, mask, order):
-    """Row by row, on the masked entries only (an independent transcription of high_order_residual)."""
+    """Row by row, on the masked entries only, in exact rational arithmetic (an independent
+    transcription of high_order_residual). Exact, because the searches' objectives hinge on exact
+    ties: where a residual equals its row mean, sign(0) = 0 reconstructs it exactly, and a mean
+    rounded differently (another summation order) flips that sign and costs alpha^2."""
     out = np.zeros_like(x)
     for r in range(x.shape[0]):
-        v = x[r, mask[r]]
-        acc = np.zeros_like(v)
+        v = [Fraction(float(e)) for e in x[r, mask[r]]]
+        if not v:
+            continue
+        acc = [Fraction(0)] * len(v)
         for _ in range(order):
-            res = v - acc
-            if res.size == 0:
-                break
-            m = res.mean()
-            a = np.abs(res - m).mean()
-            acc = acc + a * np.sign(res - m) + m
-        out[r, mask[r]] = acc
+            res = [a - b for a, b in zip(v, acc)]
+            m = sum(res) / len(res)
+            alpha = sum(abs(e - m) for e in res) / len(res)
+            acc = [b + alpha * ((e > m) - (e < m)) + m for b, e in zip(acc, res)]
+        out[r, mask[r]] = [float(a) for a in acc]
     return out
 
 

@@ -919,7 +919,7 @@ class PartialBinaryWeight(WeightFormat):
         codes = np.zeros(mask.shape, dtype=np.dtype(meta.get("codes_dtype", "uint8")))
         codes[mask] = tensors["codes"]
         signs = np.where(_unpack(tensors["signs"], cols), 1, -1).astype(np.dtype(meta.get("signs_dtype", "int8")))
-        signs.ravel()[tensors["zero_signs"]] = 0
+        signs[np.unravel_index(tensors["zero_signs"], signs.shape)] = 0  # ravel() may copy
         signs[mask] = 0
         return cls(mask, codes, tensors["scale"], tensors["zero"], signs, tensors["alpha"], tensors["mean"],
                    high_bits=int(meta["high_bits"]), group_size=meta.get("group_size"), info=info)
@@ -1053,10 +1053,10 @@ class StructuredBinaryWeight(WeightFormat):
         sal = _unpack(tensors["salient_columns"], cols)
         split = _unpack(tensors["split"], cols)
         s1 = np.where(_unpack(tensors["signs1"], cols), 1, -1).astype(dtype)
-        s1.ravel()[tensors["zero_signs1"]] = 0
+        s1[np.unravel_index(tensors["zero_signs1"], s1.shape)] = 0  # ravel() may copy
         k = int(sal.sum())
         sub = np.where(_unpack(tensors["signs2"], k), 1, -1).astype(dtype) if k else np.zeros((split.shape[0], 0), dtype)
-        sub.ravel()[tensors["zero_signs2"]] = 0
+        sub[np.unravel_index(tensors["zero_signs2"], sub.shape)] = 0  # ravel() may copy
         s2 = np.zeros(split.shape, dtype)
         s2[:, sal] = sub
         return cls(sal, split, s1, s2, tensors["alpha"], tensors["mean"], block_size=int(meta["block_size"]), info=info)
