@@ -762,10 +762,32 @@ def unregistered(method: str) -> str | None:
             f"{', '.join(sorted(pipeline.METHODS))})")
 
 
+def _profiled(b: Bench, name: str, fn):
+    """``fn()`` under ``torch.profiler`` when ``--profile FILE`` is given: the operator table of the
+    benchmark (top 40 by self device time, top 25 by self host time) is appended to FILE. The
+    profiler's own overhead inflates the benchmark's times: profile and time in separate runs."""
+    if not b.args.profile:
+        return fn()
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if b.device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        out = fn()
+        _sync(b.device)
+    table = prof.key_averages()
+    dev_key = "self_cuda_time_total" if b.device.type == "cuda" else "self_cpu_time_total"
+    with open(b.args.profile, "a") as f:
+        f.write(f"\n===== {name} (by {dev_key}) =====\n")
+        f.write(table.table(sort_by=dev_key, row_limit=40, max_name_column_width=70))
+        f.write(f"\n===== {name} (by self_cpu_time_total) =====\n")
+        f.write(table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+    return out
+
+
 def _run_one(b: Bench, name: str, fn) -> None:
     b.log(f"start {name}")
     try:
-        rec = fn()
+        rec = _profiled(b, name, fn)
     except Exception as e:  # a failed benchmark must not lose the others' numbers
         tb = traceback.format_exc(limit=8)
         rec = dict(b.doc["benchmarks"].get(name) or {}, error=f"{type(e).__name__}: {e}", traceback=tb)
@@ -842,6 +864,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-limit", type=int, default=None, help="first N documents per task / questions per subject")
     ap.add_argument("--eval-token-budget", type=int, default=None, help="padded tokens per evaluation batch (65536)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", default=None, metavar="FILE",
+                    help="run each benchmark under torch.profiler and append its operator tables to FILE "
+                         "(inflates the timings: profile and time in separate runs)")
     ap.add_argument("--out", default="bench-results.json")
     ap.add_argument("--strict", action="store_true", help="re-raise the first benchmark error (tests)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
