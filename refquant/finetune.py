@@ -603,6 +603,25 @@ def c4_eval_head(encode, seqlen: int, n_windows: int, data_dir=None) -> tuple[np
     return windows.reshape(-1), info
 
 
+def training_data(data_source: str, tokenizer, cfg: FinetuneConfig, data_dir=None, max_examples: int | None = None):
+    """``(examples, train examples, held-out indices, data info)``: the Alpaca-layout data tokenized as the
+    originals do, with their held-out split (``min(eval_dataset_size, n // 10)`` examples, seed 42)."""
+    records, data_info = data.load_alpaca(data_source, data_dir=data_dir, max_examples=max_examples)
+    ex = tokenize_examples(records, tokenizer, cfg)
+    train_idx, eval_idx = data.alpaca_train_eval_split(len(records), min(cfg.eval_dataset_size, len(records) // 10)
+                                                       if cfg.eval_dataset_size else 0, seed=42)
+    eval_idx = eval_idx[:cfg.max_eval_samples]
+    train_ex = Examples([ex.sources[i] for i in train_idx], [ex.targets[i] for i in train_idx],
+                        [ex.lengths[i] for i in train_idx])
+    data_info = {**data_info, "n_train": len(train_idx), "n_heldout": len(eval_idx),
+                 "target_tokens_mean": float(np.mean([len(s) for s in train_ex.targets]))}
+    return ex, train_ex, eval_idx, data_info
+
+
+def pad_id_of(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def run(model: str, cfg: FinetuneConfig, data_source: str, out_dir: str | os.PathLike, *, device: str = "auto",
         resume: bool = False, merge: bool = False, ppl: list | None = None, seqlen: int = 2048, data_dir=None,
         max_eval_windows: int | None = None, eval_batch_size: int = 4, max_examples: int | None = None,
@@ -621,17 +640,9 @@ def run(model: str, cfg: FinetuneConfig, data_source: str, out_dir: str | os.Pat
     timings["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    records, data_info = data.load_alpaca(data_source, data_dir=data_dir, max_examples=max_examples)
-    ex = tokenize_examples(records, tokenizer, cfg)
-    train_idx, eval_idx = data.alpaca_train_eval_split(len(records), min(cfg.eval_dataset_size, len(records) // 10)
-                                                       if cfg.eval_dataset_size else 0, seed=42)
-    eval_idx = eval_idx[:cfg.max_eval_samples]
-    train_ex = Examples([ex.sources[i] for i in train_idx], [ex.targets[i] for i in train_idx],
-                        [ex.lengths[i] for i in train_idx])
-    data_info = {**data_info, "n_train": len(train_idx), "n_heldout": len(eval_idx),
-                 "target_tokens_mean": float(np.mean([len(s) for s in train_ex.targets]))}
+    ex, train_ex, eval_idx, data_info = training_data(data_source, tokenizer, cfg, data_dir, max_examples)
     timings["data"] = time.perf_counter() - t
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
 
     results: dict = {"perplexity": {}}
     encode = loaded.encode
@@ -727,6 +738,96 @@ def run(model: str, cfg: FinetuneConfig, data_source: str, out_dir: str | os.Pat
     record = {**record, **results, "adapters": "adapter/", "merged_checkpoint": "merged/" if merge else None}
     write_json_atomic(out / "results.json", record)
     return record
+
+
+# -------------------------------------------------------------------------------------------------
+# the study's entry point (Table 3: QLoRA and IR-QLoRA rows)
+
+#: A study row's finetuning per protocol: ``full`` = the originals' settings (10,000 steps of batch 16 on every
+#: example, sources/targets up to 384/128 tokens, 1,000 held out; IR-QLoRA evaluated on an ICQ base re-run with
+#: tau_n 125); ``reduced`` = a look at the whole path that fits the main job on a CPU: 2 steps of batch 4 on the
+#: first 256 examples, sources/targets up to 128/64 tokens, 16 held out, IR-QLoRA evaluated on its training base
+#: (no third ICQ pass). The reduced numbers show the machinery runs, not what finetuning buys.
+STUDY_PRESETS = {
+    "full": {"config": {}, "max_examples": None},
+    "reduced": {"config": {"steps": 2, "save_steps": 2, "batch_size": 4, "micro_batch_size": 4, "source_max_len": 128,
+                           "target_max_len": 64, "max_eval_samples": 16, "eval_tau_n": None}, "max_examples": 256},
+}
+
+
+def study_alpaca_source(data_dir=None) -> str:
+    """``<data dir>/alpaca/alpaca_data.json`` when it exists, else the local stand-in (recorded with its caveat)."""
+    root = data.resolve_data_dir(data_dir)
+    if root is not None and (root / "alpaca" / "alpaca_data.json").is_file():
+        return str(root / "alpaca" / "alpaca_data.json")
+    return data.ALPACA_STANDIN
+
+
+def study_finetune(loaded, kind: str, *, data_dir=None, protocol: str = "full", data_source: str | None = None) -> dict:
+    """Finetune a study row's model in place: QLoRA (``kind="qlora"``) or IR-QLoRA (``"irqlora"``).
+
+    ``loaded`` is the :class:`refquant.runs.LoadedModel` the study quantized with the row's method (NF4 or ICQ).
+    The originals train LoRA on an NF4 base built from the full-precision weights, so this builds that base
+    from ``loaded.source`` (:func:`quantize_to_nf4`; the same quantizer as the row's method, so the base equals
+    the study's quantized weights: ``base_max_abs_diff`` records the check), adds the adapters, trains with the
+    originals' settings (``STUDY_PRESETS`` per protocol; Alpaca from ``<data dir>/alpaca/alpaca_data.json``, else
+    the documented stand-in), re-runs ICQ with ``tau_n`` 125 for IR-QLoRA's evaluation, and writes
+    ``dequantize(base) + B A`` into ``loaded.model``'s linears (in its dtype), where the study's evaluations read
+    them. Returns what was done (settings, data, steps, losses, throughput) for the row's record.
+    """
+    if kind not in METHODS:
+        raise ValueError(f"kind must be one of {METHODS}; got {kind!r}.")
+    if loaded.backend != "torch":
+        raise ValueError(f"finetuning needs the torch backend; this row was loaded with {loaded.backend!r} "
+                         "(run the study with --backend torch).")
+    devices = [torch.device(loaded.device)] if torch.device(loaded.device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # loading and peft draw from torch's global RNG: keep the caller's
+        return _study_finetune(loaded, kind, data_dir, protocol, data_source)
+
+
+def _study_finetune(loaded, kind: str, data_dir, protocol: str, data_source: str | None) -> dict:
+    preset = STUDY_PRESETS["full" if str(protocol).startswith("full") else "reduced"]
+    cfg = FinetuneConfig.for_method(kind, **preset["config"])
+    source = data_source or study_alpaca_source(data_dir)
+    device = torch.device(loaded.device)
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(loaded.source)
+    ex, train_ex, eval_idx, data_info = training_data(source, tokenizer, cfg, data_dir, preset["max_examples"])
+    pad_id = pad_id_of(tokenizer)
+    t_data = time.perf_counter() - t0
+    model = runs.load(loaded.source, "torch", "cpu", "float32").model
+    names = quantize_to_nf4(model, cfg, desc="ICQ bases" if cfg.icq else "NF4 bases")
+    target = loaded.model
+    with torch.no_grad():
+        base_diff = max(float((model.get_submodule(n).dequantize(torch.float32).cpu()
+                               - target.get_submodule(n).weight.detach().float().cpu()).abs().max()) for n in names)
+    add_adapters(model, cfg)
+    model.to(device)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    state, train_info = train(model, train_ex, cfg, None, pad_id, device=device)
+    heldout = eval_loss(model, ex, eval_idx, cfg, pad_id, device)
+    requantized = cfg.icq and cfg.eval_tau_n is not None and cfg.eval_tau_n != cfg.tau_n
+    if requantized:
+        requantize_icq(model, runs.load(loaded.source, "torch", "cpu", "float32").model, cfg, cfg.eval_tau_n)
+    merge_adapters(model)
+    with torch.no_grad():
+        for n in names:
+            dst = target.get_submodule(n).weight
+            dst.copy_(model.get_submodule(n).weight.to(dst.device, dst.dtype))
+    hist = state.history
+    return {
+        "method": kind, "config": cfg.to_dict(), "data": data_info, "protocol": protocol, "steps_done": state.step,
+        "trainable_parameters": n_trainable, "optimizer": train_info["optimizer"],
+        "loss_first": hist[0]["loss"] if hist else None,
+        "loss_last_10_mean": float(np.mean([h["loss"] for h in hist[-10:]])) if hist else None,
+        "eval_loss": heldout,
+        "tokens_per_second": sum(h["tokens"] for h in hist) / max(sum(h["seconds"] for h in hist), 1e-9) if hist else None,
+        "base_max_abs_diff": base_diff,
+        "evaluated_base": (f"ICQ re-run with tau_n={cfg.eval_tau_n} (the original's evaluation)"
+                           if requantized else "the training base"),
+        "weights": "dequantize(base) + merged LoRA delta, cast to the study's dtype",
+        "seconds": time.perf_counter() - t0, "data_seconds": t_data, "train_seconds": train_info["seconds"],
+    }
 
 
 # -------------------------------------------------------------------------------------------------

@@ -304,3 +304,41 @@ def test_c4_head_is_the_protocols_first_windows(tokenizer):
     full, _ = data.get_eval_tokens("c4", tokenizer, seqlen=32)
     head, info = ft.c4_eval_head(tokenizer, 32, 3)
     assert info["first_windows_only"] == 3 and np.array_equal(head, full[:3 * 32])
+
+
+def _study_loaded(method: str):
+    from refquant import pipeline
+
+    loaded = runs.load(TINY, "torch", "cpu", "float32")
+    runs.quantize(loaded, pipeline.QuantConfig.of(method), None)
+    return loaded
+
+
+@pytest.mark.parametrize("kind, method", [("qlora", "nf4"), pytest.param("irqlora", "icq", marks=pytest.mark.slow)])
+def test_study_finetune_trains_on_the_rows_base_and_writes_the_merged_weights(kind, method, tmp_path, monkeypatch):
+    """The study's entry point: the base it trains on is the row's quantized weight exactly, the model the
+    evaluations read changes by the trained LoRA delta only, and the caller's RNG is untouched."""
+    path = tmp_path / "alpaca_data.json"
+    path.write_text(json.dumps(_records(40)))
+    quick = {"config": {**ft.STUDY_PRESETS["reduced"]["config"], "steps": 1, "save_steps": 1}, "max_examples": None}
+    monkeypatch.setitem(ft.STUDY_PRESETS, "reduced", quick)
+    loaded = _study_loaded(method)
+    before = {n: loaded.model.get_submodule(n).weight.detach().clone() for n in ft.decoder_linears(loaded.model)}
+    rng = torch.random.get_rng_state()
+    info = ft.study_finetune(loaded, kind, protocol="reduced", data_source=str(path))
+    assert torch.equal(rng, torch.random.get_rng_state())
+    assert info["base_max_abs_diff"] == 0.0
+    assert info["steps_done"] == 1 and info["config"]["method"] == kind and info["data"]["n_examples"] == 40
+    assert math.isfinite(info["loss_first"]) and math.isfinite(info["eval_loss"])
+    assert info["evaluated_base"] == "the training base"
+    deltas = [float((loaded.model.get_submodule(n).weight - w).abs().max()) for n, w in before.items()]
+    assert max(deltas) > 0  # one AdamW step moves every B away from zero: W + B A differs from W
+    assert max(deltas) < 1e-2  # ... by a small delta (lr 2e-4, one step)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ft.study_finetune(loaded, "lora")
+
+
+def test_study_full_protocol_is_the_originals_settings():
+    assert ft.STUDY_PRESETS["full"] == {"config": {}, "max_examples": None}
+    cfg = ft.FinetuneConfig.for_method("irqlora", **ft.STUDY_PRESETS["full"]["config"])
+    assert (cfg.steps, cfg.batch_size, cfg.source_max_len, cfg.target_max_len, cfg.eval_tau_n) == (10000, 16, 384, 128, 125)
