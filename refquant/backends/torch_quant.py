@@ -443,7 +443,8 @@ def _prepare(H, cols: int, device, percdamp: float, act_order: bool, max_percdam
     check_square(H, cols, "H")
     src = H.to(device)  # the caller's matrix (no copy when already there); only read below
     work = work_dtype(cols)
-    diag0 = src.diagonal().to(work).double()  # the diagonal as the working copy holds it
+    diag0 = src.diagonal().to(work).double().clone()  # the diagonal as the working copy holds it (a copy: the
+    # caller's float64 H must not get its dead diagonal set to 1 below)
     dead = diag0 == 0
     any_dead = bool(dead.any())
     if any_dead:
