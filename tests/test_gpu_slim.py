@@ -86,3 +86,46 @@ def test_llama3_8b_down_proj_search_and_quantizer_timing():
           f"SQC+GPTQ {t2 - t1:.1f} s")
     assert found.group_bits.mean() == 3 and qw.bits_per_weight == 3.0
     # the times above are benchmark figures (tools/bench.py has the target), not asserted here
+
+
+def test_triton_kl_kernel_equals_torch_ops_on_cuda():
+    """The search's fused KL (refquant/backends/slim_kernels.py) vs the same formula in torch ops, LLaMA3-8B widths."""
+    from refquant.backends import slim_kernels as SK
+
+    if not SK.triton_usable(torch.device("cuda")):
+        pytest.skip("no Triton on this machine (the torch ops run instead)")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for M, R in ((4096, 14336), (2048, 4096), (3000, 1024)):
+        Z = 3 * torch.randn(M, R, generator=g, device="cuda")
+        Zq = Z + 0.05 * torch.randn(M, R, generator=g, device="cuda")
+        lp_t, lp_r = SK.log_p(Z, use_triton=True), SK.log_p_torch(Z)
+        assert torch.allclose(lp_t, lp_r, rtol=1e-5, atol=2e-5), (M, R)
+        kl_t, kl_r = SK.kl_rows(Zq, lp_r, use_triton=True), SK.kl_rows_torch(Zq, lp_r)
+        assert torch.allclose(kl_t, kl_r, rtol=1e-3, atol=1e-5 * float(kl_r.abs().max())), (M, R)
+        assert abs(float(kl_t.double().sum()) / float(kl_r.double().sum()) - 1) < 1e-4, (M, R)
+
+
+def test_triton_sqc_and_quantizer_equal_torch_ops_on_cuda():
+    """SQC's factor search as one launch per block (slim_kernels.sqc_search) vs the torch ops, and the whole
+    quantizer (SQC + GPTQ kernels) vs the torch path, on an 8B-wide gate_proj-like block."""
+    from refquant.backends import slim_kernels as SK
+    from refquant.backends import torch_slim as TS
+
+    if not SK.triton_usable(torch.device("cuda")):
+        pytest.skip("no Triton on this machine (the torch ops run instead)")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = 0.02 * torch.randn(14336, 128, generator=g, device="cuda", dtype=torch.float64)
+    d = torch.rand(128, generator=g, device="cuda", dtype=torch.float64) + 0.5
+    for b, sym in ((2, True), (3, False), (4, False)):
+        s_t, z_t = TS._sqc_params(w, d, b, sym, 1.0, use_triton=True)
+        s_r, z_r = TS._sqc_params(w, d, b, sym, 1.0, use_triton=False)
+        same = float(((s_t == s_r) & (z_t == z_r)).double().mean())
+        assert same >= 0.999, (b, sym, same)  # exp2(2.4 log2 a) vs pow: only exact near-ties may differ
+    be = _be()
+    W, X = _layer(512, 2048, 4, 256, seed=2)
+    H = be.hessian(X)
+    for bits in (3, 2):  # w2: 1-bit groups through the binarizer block kernel
+        gb = slim.allocation(np.random.default_rng(bits).permutation(16), 4, bits)
+        a = be.slim_llm(W, H, bits=bits, group_bits=gb, group_size=128, use_triton=True)
+        r = be.slim_llm(W, H, bits=bits, group_bits=gb, group_size=128, use_triton=False)
+        assert float((a.codes == r.codes).double().mean()) >= 0.999, bits

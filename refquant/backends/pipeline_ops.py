@@ -104,6 +104,22 @@ if torch is not None:
         def inputs(self):
             return torch.cat(self._inputs, dim=0)
 
+        def take_inputs(self):
+            """:attr:`inputs`, handing them over: each per-batch piece is released as soon as it is copied
+            (peak: the result plus one piece, not twice the inputs as ``inputs`` then dropping the stats)."""
+            pieces, self._inputs = self._inputs, []
+            if len(pieces) == 1:
+                return pieces.pop()
+            n = sum(int(p.shape[0]) for p in pieces)
+            out = torch.empty((n, *pieces[0].shape[1:]), dtype=pieces[0].dtype, device=pieces[0].device)
+            i = 0
+            while pieces:
+                p = pieces.pop(0)
+                out[i:i + p.shape[0]] = p
+                i += int(p.shape[0])
+                del p
+            return out
+
     class TorchPipelineOps:
         """:class:`~refquant.backends.protocols.PipelineOps` in torch, on the activations' device."""
 

@@ -9,20 +9,27 @@
   run, as the original's fp16 search): the products are bf16/fp16 GEMMs with float32 outputs
   (exact products, fp32 accumulation) where torch has ``out_dtype``, else upcast per chunk; the
   quantized weights are then rounded to the input dtype, as the original's fp16 ``tmp``.
-  Salience, Choleskys and the re-ranking in float64.
+  Per trial ONE GEMM updates the running output in place (the two groups' new and negated old
+  blocks side by side, K = 4 x 128; :func:`_trial_updates`) and ONE Triton launch scores every
+  token row (:func:`refquant.backends.slim_kernels.kl_rows`: the clamped-softmax KL against the
+  stored FP ``logP``); the errors stay on the device until the linear is done (no sync per trial).
+  Salience, Choleskys and the re-ranking in float64; the H-derived factors are memoized per H
+  tensor (the linears of one input share them, ``slim_llm`` reuses the search's; see ``_h_cached``).
+  docs/performance.md has the traffic count.
 * Quantizer (:func:`refquant.spec.slim.slim_llm`): GPTQ in the working dtype of
   :func:`refquant.backends.torch_quant.work_dtype` (float64 up to 16384 columns) with the damping /
   dead-column preparation of the GPTQ twin; SQC's 101 range factors evaluated at once per group
   (float64; the first strict minimum, as the sequential search); the column loop of a group of
   width >= 2 is the GPTQ block kernel (Triton on CUDA) with that group's parameters; 1-bit groups
-  run the binarizer column loop in torch ops.
+  run the binarizer column loop as one Triton launch on CUDA (``slim_kernels.binary_block_triton``,
+  bitwise equal to the torch ops); SQC's factor search is one Triton launch per group on CUDA.
 
 Results: :class:`refquant.spec.slim.SliMSearch` with host NumPy arrays; :class:`refquant.MixedWeight`
 of this backend's tensors (float32 scale / zero, uint8 codes).
 """
 from __future__ import annotations
 
-import math
+import weakref
 
 import numpy as np
 import torch
@@ -31,17 +38,17 @@ from ..spec._checks import check_finite, check_matrix, check_square
 from ..spec.formats import MixedWeight
 from ..spec.gptq import HessianNotPositiveDefinite, not_positive_definite_message
 from ..spec.quantizer import QuantSpec
-from ..spec.slim import (KL_CLAMP, NORM, PERCDAMP, SALIENCE_DAMP, Z_THRESHOLD, SliMSearch, allocation,
+from ..spec.slim import (NORM, PERCDAMP, SALIENCE_DAMP, Z_THRESHOLD, SliMSearch, allocation,
                          check_allocation_size, check_slim_args, check_target_bits, n_groups_of, range_factors,
                          salience_order)
-from . import gptq_kernels
+from . import gptq_kernels, slim_kernels
 from .torch_quant import (_as_tensor, _out_dtype_works, _prepare, div_exact, group_params, ieee_fp32,
                           upper_cholesky_of_inverse, work_dtype)
 
 __all__ = ["TorchSliMOps"]
 
 #: Bytes of float32 working memory one sample chunk of the search may take on CUDA (outputs, softmax, KL).
-SEARCH_BYTES = 8 * 2**30
+SEARCH_BYTES = 4 * 2**30
 
 
 def _salience_hessian(H, damp: float, device):
@@ -52,36 +59,70 @@ def _salience_hessian(H, damp: float, device):
     return H
 
 
-def _group_salience(W64, U, gs: int) -> np.ndarray:
-    v = (W64 ** 2 / U.diagonal().to(torch.float64)[None, :] ** 2).sum(dim=0)
+def _group_salience(W64, d, gs: int) -> np.ndarray:
+    """Per-group ``sum W^2 / d^2`` (``d`` = diag(U)); one host transfer."""
+    v = (W64 ** 2 / d.to(torch.float64)[None, :] ** 2).sum(dim=0)
     cols = W64.shape[1]
-    return np.array([float(v[c:c + gs].sum()) for c in range(0, cols, gs)])
+    nf = cols // gs
+    parts = [v[:nf * gs].view(nf, gs).sum(dim=1)] if nf else []
+    if cols % gs:
+        parts.append(v[nf * gs:].sum().reshape(1))
+    return torch.cat(parts).cpu().numpy()
 
 
 def _rtn_groups(Wf, b: int, gs: int):
     """``block_quantize`` of every group at width ``b`` (Wf float32/float64), same dtype."""
     rows, cols = Wf.shape
-    out = torch.empty_like(Wf)
-    for c in range(0, cols, gs):
-        w = Wf[:, c:c + gs]
-        if b == 1:
-            scale, zero = w.abs().mean(dim=1, keepdim=True), w.mean(dim=1, keepdim=True)
-            out[:, c:c + gs] = torch.sign(w - zero) * scale + zero
-    if b >= 2:
-        spec = QuantSpec(bits=b)
-        S, Z = group_params(Wf, spec, gs)
-        g = torch.arange(cols, device=Wf.device) // gs
-        S, Z = S[:, g].to(Wf.dtype), Z[:, g].to(Wf.dtype)
-        out = S * (torch.clamp(torch.round(Wf / S) + Z, 0, spec.maxq) - Z)
-    return out
+    if b == 1:
+        out = torch.empty_like(Wf)
+        nf = cols // gs
+        for c0, c1, n in ((0, nf * gs, nf), (nf * gs, cols, 1)):
+            if c1 > c0:
+                w = Wf[:, c0:c1].reshape(rows, n, (c1 - c0) // n)
+                scale, zero = w.abs().mean(dim=2, keepdim=True), w.mean(dim=2, keepdim=True)
+                out[:, c0:c1] = (torch.sign(w - zero) * scale + zero).reshape(rows, c1 - c0)
+        return out
+    spec = QuantSpec(bits=b)
+    S, Z = group_params(Wf, spec, gs)
+    g = torch.arange(cols, device=Wf.device) // gs
+    S, Z = S[:, g].to(Wf.dtype), Z[:, g].to(Wf.dtype)
+    return S * (torch.clamp(torch.round(Wf / S) + Z, 0, spec.maxq) - Z)
+
+
+_INPLACE_OK: dict = {}
+
+
+def _inplace_out_dtype_works(device, dtype) -> bool:
+    """Once per (device, dtype): does ``torch.addmm(C, A, B, out_dtype=float32, out=C)`` update C in place correctly?"""
+    key = (str(device), dtype)
+    if key not in _INPLACE_OK:
+        ok = False
+        try:
+            gen = torch.Generator(device="cpu").manual_seed(4321)  # private: the global RNG is untouched
+            A = torch.randn(96, 40, generator=gen).to(device=device, dtype=dtype)
+            B = torch.randn(24, 40, generator=gen).to(device=device, dtype=dtype)
+            C = torch.randn(96, 24, generator=gen).to(device)
+            want = torch.addmm(C, A, B.t(), alpha=-1.0, out_dtype=torch.float32)
+            got = C.clone()
+            r = torch.addmm(got, A, B.t(), alpha=-1.0, out_dtype=torch.float32, out=got)
+            ok = r.data_ptr() == got.data_ptr() and bool(torch.allclose(got, want, rtol=1e-5, atol=1e-4))
+        except (TypeError, RuntimeError, NotImplementedError):
+            ok = False
+        _INPLACE_OK[key] = ok
+    return _INPLACE_OK[key]
 
 
 class _MM:
-    """``C + alpha * A @ B^T`` with float32 output: fp32 IEEE, or a bf16/fp16 GEMM with fp32 output."""
+    """``C += alpha * A @ B^T`` into a float32 ``C``: fp32 IEEE, or a bf16/fp16 GEMM with fp32 output.
+
+    In place where torch can (fp32 ``addmm_``; the bf16 GEMM with ``out=C`` where it exists), else a
+    new tensor: callers use the returned tensor.
+    """
 
     def __init__(self, dtype, device):
         self.lowp = dtype in (torch.bfloat16, torch.float16)
         self.native = self.lowp and device.type == "cuda" and _out_dtype_works(device, dtype)
+        self.inplace = self.native and _inplace_out_dtype_works(device, dtype)
         self.dtype = dtype if self.lowp else torch.float32
 
     def weight(self, Q):
@@ -89,15 +130,35 @@ class _MM:
 
     def __call__(self, C, A, B, alpha: float = 1.0):
         if self.native:
+            if self.inplace:
+                return torch.addmm(C, A, B.t(), alpha=alpha, out_dtype=torch.float32, out=C)
             return torch.addmm(C, A, B.t(), alpha=alpha, out_dtype=torch.float32)
-        return torch.addmm(C, A.float(), B.float().t(), alpha=alpha)
+        return C.addmm_(A.float(), B.float().t(), alpha=alpha)
 
 
-def _log_p(logits):
-    return torch.softmax(logits, dim=-1).clamp_min_(KL_CLAMP).log_()
+def _trial_updates(Q, order, bits: int, gs: int, cols: int, device):
+    """Per trial ``k``: the input columns and the weight block of its one GEMM update.
+
+    Trial ``k`` moves group ``lo = order[k-1]`` from ``bits`` to ``bits - 1`` and ``hi = order[-k]``
+    to ``bits + 1``: ``Y_k = Y_{k-1} + [X_lo X_lo X_hi X_hi] [Q-_lo; -Q_lo; Q+_hi; -Q_hi]^T`` -- one
+    GEMM with K = 4 x 128 (negation and the duplicated columns are exact), every product exact in
+    the fp32 accumulator as in the four separate updates.
+    """
+    n_groups = len(order)
+    out = []
+    for k in range(1, n_groups // 2):
+        idx, blocks = [], []
+        for g, b in ((int(order[k - 1]), bits - 1), (int(order[n_groups - k]), bits + 1)):
+            c0, c1 = g * gs, min(g * gs + gs, cols)
+            cols_g = torch.arange(c0, c1, device=device)
+            idx += [cols_g, cols_g]
+            blocks += [Q[b][:, c0:c1], -Q[bits][:, c0:c1]]
+        out.append((torch.cat(idx), torch.cat(blocks, dim=1).contiguous()))
+    return out
 
 
-def search_errors(W, X, order, bits: int, gs: int, chunk: int | None = None) -> np.ndarray:
+def search_errors(W, X, order, bits: int, gs: int, chunk: int | None = None, use_triton: bool | None = None
+                  ) -> np.ndarray:
     """(n_samples, n_trials) KL errors of the nested trials (see the module doc)."""
     n_samples, tokens, cols = X.shape
     rows = W.shape[0]
@@ -107,32 +168,30 @@ def search_errors(W, X, order, bits: int, gs: int, chunk: int | None = None) -> 
     mm = _MM(X.dtype, dev)
     Wf = W.to(torch.float32)
     Q = {b: mm.weight(_rtn_groups(Wf, b, gs)) for b in (bits - 1, bits, bits + 1)}
+    updates = _trial_updates(Q, order, bits, gs, cols, dev)
+    Qb = Q[bits]
+    del Q, Wf
     Wm = mm.weight(W)
     if chunk is None:
-        per = tokens * rows * 4 * 5
+        per = tokens * rows * 4 * 3  # logP, the running output, one transient (out-of-place GEMM / torch KL)
         chunk = max(1, min(n_samples, (SEARCH_BYTES if dev.type == "cuda" else 2**28) // max(per, 1)))
-    errors = torch.empty((n_samples, n_trials), dtype=torch.float64)
+    errors = torch.empty((n_samples, n_trials), dtype=torch.float64, device=dev)
     with torch.no_grad(), ieee_fp32():
         for s0 in range(0, n_samples, chunk):
             Xc = X[s0:s0 + chunk].to(device=dev)
             Xc = Xc if mm.lowp else Xc.to(torch.float32)
             B = Xc.shape[0]
             Xf = Xc.reshape(B * tokens, cols)
-            zero = torch.zeros((B * tokens, rows), dtype=torch.float32, device=dev)
-            logp = _log_p(mm(zero, Xf, Wm).view(B, tokens, rows))
-            cur = mm(zero, Xf, Q[bits])
-            for k in range(1, n_trials + 1):
-                for g, b in ((int(order[k - 1]), bits - 1), (int(order[n_groups - k]), bits + 1)):
-                    c0, c1 = g * gs, min(g * gs + gs, cols)
-                    Xg = Xf[:, c0:c1]
-                    cur = mm(cur, Xg, Q[b][:, c0:c1])
-                    cur = mm(cur, Xg, Q[bits][:, c0:c1], alpha=-1.0)
-                lp = _log_p(cur.view(B, tokens, rows))
-                kl = (lp.exp() * (lp - logp)).sum(dim=(1, 2))
-                errors[s0:s0 + B, k - 1] = kl.double().cpu()
-                del lp
-            del cur, logp, zero, Xf, Xc
-    return errors.numpy()
+            logp = mm(torch.zeros((B * tokens, rows), dtype=torch.float32, device=dev), Xf, Wm)
+            logp = slim_kernels.log_p(logp, out=logp, use_triton=use_triton)
+            cur = mm(torch.zeros((B * tokens, rows), dtype=torch.float32, device=dev), Xf, Qb)
+            for k, (idx, Bk) in enumerate(updates):
+                cur = mm(cur, Xf.index_select(1, idx), Bk)
+                kl = slim_kernels.kl_rows(cur, logp, use_triton=use_triton)
+                errors[s0:s0 + B, k] = kl.view(B, tokens).double().sum(dim=1)
+                del kl
+            del cur, logp, Xf, Xc
+    return errors.cpu().numpy()
 
 
 def _upper_or_raise(H, shape):
@@ -144,20 +203,31 @@ def _upper_or_raise(H, shape):
 
 
 def _salient_mask(F):
+    """``F >= min{F : |z(F)| > 2}`` (unbiased std); all False when no element has ``|z| > 2``. No host sync."""
     if F.numel() < 2:
         return torch.zeros_like(F, dtype=torch.bool)
     z = (F - F.mean()) / F.std()
-    out = F[z.abs() > Z_THRESHOLD]
-    if out.numel() == 0:
-        return torch.zeros_like(F, dtype=torch.bool)
-    return F >= out.min()
+    threshold = torch.where(z.abs() > Z_THRESHOLD, F, torch.inf).amin()  # +inf when there is no outlier
+    return F >= threshold
 
 
 FACTOR_CHUNK_ELEMS = 2**26
 
 
-def _sqc_params(w, d, b: int, sym: bool, lam: float):
-    """SQC's (scale, zero) per row in float64 (all range factors at once, chunked by memory)."""
+_FACTORS: dict = {}
+
+
+def _range_factors_on(device):
+    key = str(device)
+    if key not in _FACTORS:
+        _FACTORS[key] = torch.as_tensor(range_factors(), dtype=torch.float64, device=device)
+    return _FACTORS[key]
+
+
+def _sqc_params(w, d, b: int, sym: bool, lam: float, use_triton=None):
+    """SQC's (scale, zero) per row in float64: one Triton launch per block on CUDA
+    (:func:`refquant.backends.slim_kernels.sqc_search`), else all range factors at once in torch ops
+    (chunked by memory)."""
     maxq = 2 ** b - 1
     w = w.to(torch.float64)
     salient = _salient_mask(w ** 2 / d.to(torch.float64)[None, :] ** 2)
@@ -166,7 +236,14 @@ def _sqc_params(w, d, b: int, sym: bool, lam: float):
     dead = (xmin == 0) & (xmax == 0)
     xmin = torch.where(dead, -1.0, xmin)
     xmax = torch.where(dead, 1.0, xmax)
-    p = torch.as_tensor(range_factors(), dtype=torch.float64, device=w.device)[:, None]
+    if slim_kernels.sqc_usable(w, use_triton):
+        try:
+            return slim_kernels.sqc_search(w, salient, xmin, xmax, _range_factors_on(w.device), maxq, sym, lam, NORM)
+        except Exception:
+            if use_triton:
+                raise
+            slim_kernels.mark_broken("sqc")
+    p = _range_factors_on(w.device)[:, None]
     xmin1, xmax1 = p * xmin[None, :], p * xmax[None, :]
     scale1 = div_exact(xmax1 - xmin1, maxq)
     if sym:
@@ -184,7 +261,15 @@ def _sqc_params(w, d, b: int, sym: bool, lam: float):
     return scale1[idx, r], zero1[idx, r]
 
 
-def _binary_block(W1, U1, scale, zero, codes_out, err_out):
+def _binary_block(W1, U1, scale, zero, codes_out, err_out, use_triton=None):
+    """The 1-bit group's column loop: one Triton launch on CUDA, else torch ops (bitwise the same)."""
+    if slim_kernels.binary_block_usable(W1, use_triton):
+        try:
+            return slim_kernels.binary_block_triton(W1, U1, scale, zero, codes_out, err_out)
+        except Exception:
+            if use_triton:
+                raise
+            slim_kernels.mark_broken("binary")
     W1 = W1.clone()
     for i in range(W1.shape[1]):
         w = W1[:, i]
@@ -196,14 +281,42 @@ def _binary_block(W1, U1, scale, zero, codes_out, err_out):
         err_out[:, i] = err
 
 
+def _drop_entry(cache: dict, key, token: int) -> None:
+    ent = cache.get(key)
+    if ent is not None and id(ent) == token:
+        del cache[key]
+
+
 class TorchSliMOps:
     """:class:`~refquant.backends.protocols.SliMOps` in torch (see the module doc)."""
+
+    # H-derived factors are memoized on the last H tensor (q/k/v and gate/up share one H, and
+    # slim_llm needs the factor slim_search computed): keyed by the tensor itself (a weak reference,
+    # so the entry dies with H), its version counter (an in-place change misses) and the damping.
+    def _h_cached(self, H, key, make):
+        """``make()``, memoized for the caller's tensor ``H`` (not a detached alias: those die with the call)."""
+        if not isinstance(H, torch.Tensor):
+            return make()
+        cache = self.__dict__.setdefault("_slim_h_cache", {})
+        ent = cache.get(key)
+        if ent is not None and ent["ref"]() is H and ent["version"] == H._version:
+            return ent["value"]
+        value = make()
+        try:
+            ref = weakref.ref(H)
+        except TypeError:
+            return value
+        cache[key] = {"ref": ref, "version": H._version, "value": value}
+        token = id(cache[key])
+        weakref.finalize(H, _drop_entry, cache, key, token)
+        return value
 
     def slim_search(self, W, H, X, *, bits, group_size=128, chunk=None) -> SliMSearch:
         W = _as_tensor(W, "W")
         check_matrix(W, "W")
         rows, cols = W.shape
-        check_square(_as_tensor(H, "H"), cols, "H")
+        H_key, H = H, _as_tensor(H, "H")
+        check_square(H, cols, "H")
         bits = check_target_bits(bits)
         n_groups = n_groups_of(cols, group_size)
         check_allocation_size(n_groups, cols, group_size)
@@ -216,15 +329,18 @@ class TorchSliMOps:
         check_finite(X, "X")
         dev = W.device
         W64 = W.to(torch.float64)
-        Hs = _salience_hessian(H, SALIENCE_DAMP, dev)
+        shape_text = f"{rows}x{cols}"
         with torch.no_grad(), ieee_fp32():
-            S = _group_salience(W64, _upper_or_raise(Hs, W.shape), group_size)
+            d1 = self._h_cached(H_key, ("salience", str(dev), SALIENCE_DAMP), lambda: _upper_or_raise(
+                _salience_hessian(H, SALIENCE_DAMP, dev), W.shape).diagonal().clone())
+            S = _group_salience(W64, d1, group_size)
         order = salience_order(S)
         errors = search_errors(W, X, order, bits, group_size, chunk)
         k = int(np.argmin(errors.mean(axis=0))) + 1
         with torch.no_grad(), ieee_fp32():
-            prep = _prepare(Hs, cols, dev, PERCDAMP, False, None, 0.01, f"{rows}x{cols}")
-            S2 = _group_salience(W64, prep.U, group_size)
+            prep = self._h_cached(H_key, ("prepared", str(dev), SALIENCE_DAMP, PERCDAMP), lambda: _prepare(
+                _salience_hessian(H, SALIENCE_DAMP, dev), cols, dev, PERCDAMP, False, None, 0.01, shape_text))
+            S2 = _group_salience(W64, prep.U.diagonal(), group_size)
         return SliMSearch(errors=errors, k=k, search_bits=allocation(order, k, bits),
                           group_bits=allocation(salience_order(S2), k, bits), salience=S, applied_salience=S2)
 
@@ -236,7 +352,7 @@ class TorchSliMOps:
         W = _as_tensor(W, "W")
         check_matrix(W, "W")
         rows, cols = W.shape
-        H = _as_tensor(H, "H")
+        H_key, H = H, _as_tensor(H, "H")
         check_square(H, cols, "H")
         gb_in = group_bits.detach().cpu().numpy() if isinstance(group_bits, torch.Tensor) else np.asarray(group_bits)
         bits, gb = check_slim_args(bits, gb_in, cols, group_size, percdamp, lambda_salience, sym_quirk,
@@ -244,8 +360,6 @@ class TorchSliMOps:
         dev = W.device
         work = work_dtype(cols)
         Wk = W.to(device=dev, dtype=work, copy=True)
-        if salience_damp > 0:
-            H = _salience_hessian(H, float(salience_damp), dev)
         n_groups = len(gb)
         codes = torch.empty((rows, cols), dtype=torch.uint8, device=dev)
         S = torch.empty((rows, n_groups), dtype=work, device=dev)
@@ -253,7 +367,9 @@ class TorchSliMOps:
         loss = torch.zeros((), dtype=torch.float64, device=dev)
         sym = bool(sym_quirk)
         with torch.no_grad(), ieee_fp32():
-            prep = _prepare(H, cols, dev, float(percdamp), False, None, 0.01, f"{rows}x{cols}")
+            sd, pd = float(salience_damp), float(percdamp)
+            prep = self._h_cached(H_key, ("prepared", str(dev), sd, pd), lambda: _prepare(
+                _salience_hessian(H, sd, dev) if sd > 0 else H, cols, dev, pd, False, None, 0.01, f"{rows}x{cols}"))
             if prep.any_dead:
                 Wk[:, prep.dead] = 0
             U = prep.U
@@ -269,9 +385,9 @@ class TorchSliMOps:
                 if b == 1:
                     scale, zero = W1.abs().mean(dim=1), W1.mean(dim=1)
                     S[:, g], Z[:, g] = scale, zero
-                    _binary_block(W1, U1, scale, zero, codes[:, c0:c1], E)
+                    _binary_block(W1, U1, scale, zero, codes[:, c0:c1], E, use_triton)
                 else:
-                    scale, zero = _sqc_params(W1, U1.diagonal(), b, sym, float(lambda_salience))
+                    scale, zero = _sqc_params(W1, U1.diagonal(), b, sym, float(lambda_salience), use_triton)
                     S[:, g], Z[:, g] = scale.to(work), zero.to(work)
                     gptq_kernels.block_update(W1, U1, S[:, g:g + 1], Z[:, g:g + 1], zeros_gidx[:n], 2 ** b - 1,
                                               codes[:, c0:c1], E, use_triton=use_triton)

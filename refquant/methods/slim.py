@@ -257,7 +257,9 @@ class SliMLLM(Method):
         loaded = None if opts.searched else load_allocation(opts.slim_allocation)
         info = ctx.info.setdefault("slim", {})
         for group, names in llama.INPUT_LINEARS.items():
-            H, X = stats[group].H, stats[group].inputs
+            # the kept inputs are handed over (no second copy); each group's are freed when its linears are done
+            take = getattr(stats[group], "take_inputs", None)
+            H, X = stats[group].H, (take() if take is not None else stats[group].inputs)
             if opts.slim_search_samples is not None:
                 X = X[:opts.slim_search_samples]
             for name in names:
@@ -277,4 +279,5 @@ class SliMLLM(Method):
                                   sym_quirk=opts.sym_quirk, salience_damp=opts.salience_damp)
                 ctx.set_quantized(name, qw)
                 info[name]["loss"] = float(qw.info.get("loss", float("nan")))
-            stats[group] = None  # free the kept inputs of this group
+            stats[group] = None  # free the kept inputs and the Hessian of this group
+            H = X = None

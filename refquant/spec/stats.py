@@ -71,3 +71,9 @@ class ChannelStats:
     def inputs(self):
         """The kept inputs, (n_sequences, tokens, in_features)."""
         return np.concatenate(self._inputs, axis=0)
+
+    def take_inputs(self):
+        """:attr:`inputs`, handing them over: the kept per-batch pieces are released (read once)."""
+        out = self.inputs
+        self._inputs = []
+        return out
