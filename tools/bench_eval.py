@@ -14,8 +14,10 @@ few-shot prefix shared) and every piece of text becomes ``round(characters * f)`
 with one factor ``f`` per suite fixed so that the totals are the study's counts on LLaMA-3
 (issue 13): 60,566 zero-shot requests with 4.2 M tokens counted request by request (unshared), and
 14,042 MMLU prompts with ~10 M tokens unshared (+ BOS). MMLU drops shots as the protocol does
-when a prompt would exceed 2048 tokens. The JSON records f, the request and token counts, and the
-tokens the fast path actually computes (shared prefixes once).
+when a prompt would exceed 2048 tokens. The JSON records f, the request and token counts, the
+tokens the fast path actually computes (shared prefixes once, ``tokens_computed``) and feeds through
+the model (padding included, ``tokens_fed``), its batch count, a warm-up call's time (``warmup_s``:
+Triton's first-launch compiles, outside the timed run) and whether the fused kernels ran.
 """
 from __future__ import annotations
 
@@ -69,8 +71,33 @@ def zero_shot_workload(data_dir, vocab: int, seed: int = 0, target_tokens: int =
     rows = ev.build_rows(reqs, flat)
     info = {"requests": len(reqs), "documents": len(docs), "characters": chars, "tokens_per_character": f,
             "tokens_unshared": sum(len(r.tokens) for r in reqs),
-            "tokens_computed": sum(len(r.tokens) for r in rows), "rows": len(rows)}
+            "tokens_computed": sum(len(r.tokens) for r in rows), "rows": len(rows),
+            "scored_positions": sum(len(w) for r in rows for _, w, _ in r.score)}
     return reqs, flat, info
+
+
+def zero_shot_fed(reqs, groups, token_budget: int) -> dict:
+    """What :func:`refquant.evaluate.score_fast` feeds through the model: padded token positions (batches x
+    longest row) and the batch count at ``token_budget``."""
+    rows = ev.build_rows(reqs, groups)
+    lengths = [len(r.tokens) for r in rows]
+    batches = ev._batches(lengths, token_budget)
+    return {"tokens_fed": sum(len(b) * max(lengths[i] for i in b) for b in batches), "batches": len(batches)}
+
+
+def mmlu_fed(items, token_budget: int) -> dict:
+    """What :func:`refquant.evaluate.prefix_logprobs_fast` feeds through the model: the prefixes once, the
+    packed question rows padded to each batch's fullest row, the batch count and the attention area
+    (query x key positions, summed over batches)."""
+    plan = ev.prefix_plan(items, token_budget)
+    fed = sum(len(p) for p in {pre for pre, _, _ in plan})
+    area = 0
+    for pre, rows, _ in plan:
+        T = max(sum(len(items[i][1]) for i in row) for row in rows)
+        fed += len(rows) * T
+        area += len(rows) * T * (len(pre) + T)
+    return {"tokens_fed": fed, "batches": len(plan), "rows": sum(len(r) for _, r, _ in plan),
+            "attention_positions": area}
 
 
 def mmlu_workload(data_dir, vocab: int, bos_id: int, seed: int = 0, target_tokens: int = STUDY_MMLU_TOKENS,
@@ -114,12 +141,31 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _warmup(model, device) -> float:
+    """One small fast-path call of each kind before the timed run: the fused Triton kernels JIT-compile
+    on their first launch (a few seconds into an empty cache, once per process and shape class), and cuBLAS /
+    SDPA pick their kernels; a study run pays that once for many models. Recorded as ``warmup_s``."""
+    vocab = model.lm_head.out_features
+    _sync(device)
+    t = time.perf_counter()
+    a, b, c, d, e = (i % vocab for i in (1, 2, 3, 4, 5))
+    ev.score_fast(model, [ev.TokenRequest([a, b, c, d], 2), ev.TokenRequest([a, b, e], 1)], [[0, 1]], desc="warm-up")
+    ev.prefix_logprobs_fast(model, [([a, b], [c]), ([a, b], [d, e])], [0, 1], desc="warm-up")
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def _kernel_info(device) -> dict:
+    return {"fused_kernels": ev._kernels.usable(device), "fused_kernel_failures": list(ev._kernels._BROKEN)}
+
+
 def bench_zero_shot(model, data_dir, seed: int = 0, token_budget: int | None = None, limit: int | None = None) -> dict:
     vocab = model.lm_head.out_features
     t = time.perf_counter()
     reqs, groups, info = zero_shot_workload(data_dir, vocab, seed, limit=limit, max_length=ev.model_max_length(model))
     build_s = time.perf_counter() - t
     device = next(model.parameters()).device
+    warmup_s = _warmup(model, device)
     _sync(device)
     t = time.perf_counter()
     lls = ev.score_fast(model, reqs, groups, token_budget, desc="bench zero-shot")
@@ -127,8 +173,10 @@ def bench_zero_shot(model, data_dir, seed: int = 0, token_budget: int | None = N
     seconds = time.perf_counter() - t
     if not np.all(np.isfinite(lls)):
         raise FloatingPointError("non-finite log-likelihoods in the zero-shot benchmark")
+    budget = token_budget or ev.TOKEN_BUDGET.get(device.type)
     return {"kind": "eval_zero_shot", "seconds": round(seconds, 3), "workload_build_s": round(build_s, 3), **info,
-            "token_budget": token_budget or ev.TOKEN_BUDGET.get(device.type), "study_requests": STUDY_ZERO_SHOT_REQUESTS,
+            **zero_shot_fed(reqs, groups, budget), "warmup_s": round(warmup_s, 3), **_kernel_info(device),
+            "token_budget": budget, "study_requests": STUDY_ZERO_SHOT_REQUESTS,
             "tokens_per_s": round(info["tokens_unshared"] / seconds, 1),
             "what": "refquant.evaluate.score_fast: a document's requests share one row (tree mask), rows sorted "
                     "longest first, batched to the token budget, LM head only at scored positions; random weights"}
@@ -142,6 +190,7 @@ def bench_mmlu(model, data_dir, bos_id: int, seed: int = 0, token_budget: int | 
     build_s = time.perf_counter() - t
     device = next(model.parameters()).device
     letters = [i % vocab for i in (32, 33, 34, 35)]  # LLaMA-3's ids of "A".."D" (tokenizer("A").input_ids[-1])
+    warmup_s = _warmup(model, device)
     _sync(device)
     t = time.perf_counter()
     lp = ev.prefix_logprobs_fast(model, items, letters, token_budget, desc="bench mmlu")
@@ -149,7 +198,9 @@ def bench_mmlu(model, data_dir, bos_id: int, seed: int = 0, token_budget: int | 
     seconds = time.perf_counter() - t
     if not np.all(np.isfinite(lp)):
         raise FloatingPointError("non-finite log-probabilities in the MMLU benchmark")
+    budget = token_budget or ev.TOKEN_BUDGET.get(device.type)
     return {"kind": "eval_mmlu", "seconds": round(seconds, 3), "workload_build_s": round(build_s, 3), **info,
-            "token_budget": token_budget or ev.TOKEN_BUDGET.get(device.type), "study_questions": STUDY_MMLU_QUESTIONS,
+            **mmlu_fed(items, budget), "warmup_s": round(warmup_s, 3), **_kernel_info(device), "pack_width": ev.PACK_WIDTH,
+            "token_budget": budget, "study_questions": STUDY_MMLU_QUESTIONS,
             "what": "refquant.evaluate.prefix_logprobs_fast: each subject's few-shot prefix once (keys/values kept), "
-                    "questions batched against it; random weights"}
+                    "questions packed into rows against it; random weights"}
