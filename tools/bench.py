@@ -122,6 +122,7 @@ TARGETS = {
         "quantize_smoothquant": [("wall_s", 15.0, "s")],
         "quantize_quip": [("wall_s", 73.2, "s")],      # within 2x of GPTQ's 36.6 s (issue 11)
         "quantize_pbllm": [("wall_s", 73.2, "s")],     # PB-LLM 1.7 bit g128, within 2x of GPTQ (issue 10)
+        "quantize_billm": [("wall_s", 73.2, "s")],     # BiLLM, within 2x of GPTQ (issue 10)
         "quantize_slim": [("wall_s", 300.0, "s")],     # SliM-LLM w3 g128 incl. its allocation search (issue 11)
         "eval_zero_shot": [("seconds", 60.0, "s")],  # the five tasks, 60,566 requests (issue 13)
         "eval_mmlu": [("seconds", 60.0, "s")],       # 14,042 questions, 5-shot
