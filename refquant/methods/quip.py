@@ -206,6 +206,14 @@ class QuIP(Method):
                                 [linear_seed(opts.rotation_seed, ctx.index, n) for n in names], bits=cfg.wbits,
                                 rescale=opts.quip_rescale, incoherence=incoherence_arg(opts.quip_incoherence),
                                 rounding=opts.quip_rounding, npasses=opts.npasses, percdamp=opts.percdamp)
+        # a backend that draws the rotations on the host (torch) starts the next layer's draws now, in background
+        # threads: they overlap this layer's remaining work and the next calibration pass (the same factors)
+        prefetch = getattr(ctx.ops, "quip_prefetch", None)
+        n_layers = getattr(getattr(ctx.runner, "config", None), "num_hidden_layers", None)
+        if prefetch is not None and isinstance(n_layers, int) and ctx.index + 1 < n_layers:
+            prefetch([tuple(qw.shape) for qw in qws],
+                     [linear_seed(opts.rotation_seed, ctx.index + 1, n) for n in names],
+                     incoherence=incoherence_arg(opts.quip_incoherence))
         for n, qw in zip(names, qws):
             ctx.set_quantized(n, qw)
             ctx.info.setdefault("quip_loss", {})[n] = float(qw.info.get("loss", float("nan")))
