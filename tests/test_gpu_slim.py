@@ -101,7 +101,12 @@ def test_triton_kl_kernel_equals_torch_ops_on_cuda():
         lp_t, lp_r = SK.log_p(Z, use_triton=True), SK.log_p_torch(Z)
         assert torch.allclose(lp_t, lp_r, rtol=1e-5, atol=2e-5), (M, R)
         kl_t, kl_r = SK.kl_rows(Zq, lp_r, use_triton=True), SK.kl_rows_torch(Zq, lp_r)
-        assert torch.allclose(kl_t, kl_r, rtol=1e-3, atol=1e-5 * float(kl_r.abs().max())), (M, R)
+        # both are float32 sums of 1e3-1e4 products; judge each against the float64 value of the same formula
+        kl_64 = SK.kl_rows_torch(Zq.double(), lp_r.double())
+        err_t, err_r = (kl_t.double() - kl_64).abs().max(), (kl_r.double() - kl_64).abs().max()
+        print(f"KL rows {M}x{R}: max |kernel - fp64| {float(err_t):.3e}, max |torch ops - fp64| {float(err_r):.3e}, "
+              f"max KL {float(kl_64.abs().max()):.3e}")
+        assert err_t <= 4 * err_r + 1e-6 * kl_64.abs().max(), (M, R)
         assert abs(float(kl_t.double().sum()) / float(kl_r.double().sum()) - 1) < 1e-4, (M, R)
 
 

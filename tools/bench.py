@@ -667,6 +667,31 @@ def quantize_name(a, method: str) -> str:
     return f"quantize_{method}[" + ",".join(f"{k}={v}" for k, v in sorted(extra.items())) + "]"
 
 
+class PinnedStaging:
+    """Device -> host copies as a layer writer does them: into page-locked host buffers (one per field,
+    reused layer after layer), asynchronous on the compute stream, so the copy overlaps the next layer's
+    work; a buffer is reused only after the event of its previous copy has fired. A plain ``x.to("cpu")``
+    goes through pageable memory and blocks (measured ~1.5 GB/s on the H200 host: 0.15 s per LLaMA3-8B
+    layer of GPTQ codes, 0.47 s of BiLLM's signs and masks)."""
+
+    def __init__(self):
+        self.buffers: dict = {}
+
+    def copy(self, key: str, x: torch.Tensor) -> None:
+        if x.device.type != "cuda":
+            x.to("cpu")
+            return
+        buf, event = self.buffers.get(key, (None, None))
+        if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
+            buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        elif event is not None:
+            event.synchronize()
+        buf.copy_(x, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.buffers[key] = (buf, event)
+
+
 def bench_quantize(b: Bench, method: str) -> dict:
     from refquant.torch_pipeline import HFRunner
 
@@ -690,6 +715,7 @@ def bench_quantize(b: Bench, method: str) -> dict:
     mem = MemoryWindow(b.device)
     mem.start()
     offload_s = [0.0]
+    staging = PinnedStaging()
     calls0 = b.factory.calls
     t0 = time.perf_counter()
     wall_marks = [t0]  # end of every layer's on_layer call
@@ -697,10 +723,10 @@ def bench_quantize(b: Bench, method: str) -> dict:
     def on_layer(record, layer):
         t = time.perf_counter()
         if a.codes == "offload":  # what writing the layer costs at least: codes leave the device
-            for qw in record.quantized.values():
-                for x in vars(qw).values():  # every tensor field of the format (affine, mixed, binary, ...)
-                    if hasattr(x, "to") and hasattr(x, "device"):
-                        x.to("cpu")
+            for name, qw in record.quantized.items():
+                for field_name, x in vars(qw).items():  # every tensor field of the format (affine, mixed, binary, ...)
+                    if isinstance(x, torch.Tensor):
+                        staging.copy(f"{name}.{field_name}", x)
         if a.codes in ("offload", "drop"):
             record.quantized.clear()
         offload_s[0] += time.perf_counter() - t

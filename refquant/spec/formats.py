@@ -746,13 +746,12 @@ class MixedWeight(WeightFormat):
         """Codes at their group's width, tie masks of 1-bit groups, 16-bit scale and zero per (row, group),
         one byte per group width (see the class)."""
         rows, cols = self.shape
-        bits = np.asarray(to_numpy(self.group_bits)).astype(np.int64)
-        codes = np.asarray(to_numpy(self.codes))
+        bits = np.asarray(to_numpy(self.group_bits)).astype(np.int64)  # one small vector; the codes stay put
         total = 0
         for g, b in enumerate(bits.tolist()):
             c0, c1 = g * int(self.group_size), min((g + 1) * int(self.group_size), cols)
             total += rows * (c1 - c0) * b
-            if b == 1 and bool((codes[:, c0:c1] == 1).any()):
+            if b == 1 and bool((self.codes[:, c0:c1] == 1).any()):
                 total += rows * (c1 - c0)
         return int(total + rows * self.n_groups * 2 * HALF_BITS + 8 * self.n_groups)
 
@@ -891,9 +890,9 @@ class PartialBinaryWeight(WeightFormat):
     @property
     def storage_bits(self) -> int:
         rows, _ = self.shape
-        mask = to_numpy(self.salient_mask)
+        mask = self.salient_mask  # counted where the arrays live: only two integers leave a device
         n_sal = int(mask.sum())
-        zero_signs = int(((to_numpy(self.signs) == 0) & ~mask).sum())
+        zero_signs = int(((self.signs == 0) & ~mask).sum())
         return (self.numel + n_sal * int(self.high_bits) + (self.numel - n_sal) + zero_signs * _index_bits(self.numel)
                 + 2 * HALF_BITS * rows + 2 * HALF_BITS * rows * self.n_groups)
 
@@ -1025,9 +1024,9 @@ class StructuredBinaryWeight(WeightFormat):
     @property
     def storage_bits(self) -> int:
         rows, cols = self.shape
-        sal = to_numpy(self.salient_columns).astype(bool)
+        sal = self.salient_columns  # counted where the arrays live: only integers leave a device
         k = int(sal.sum())
-        zeros = int((to_numpy(self.signs1) == 0).sum()) + int((to_numpy(self.signs2)[:, sal] == 0).sum())
+        zeros = int((self.signs1 == 0).sum()) + int(((self.signs2 == 0) & sal[None, :]).sum())
         return (self.numel + rows * k + rows * (cols - k) + cols + 2 * HALF_BITS * BILLM_TERMS * rows * self.n_blocks
                 + zeros * _index_bits(self.numel))
 
