@@ -163,5 +163,8 @@ def test_kernels_on_cuda_match_torch_ops():
         frac = (a != b).float().mean().item()
         rel = ((a.float() - b.float()).abs() / b.float().abs().clamp_min(1e-30)).max().item()
         print(f"{name}: {frac:.2e} of the bf16 values differ, max relative difference {rel:.2e}")
-        assert frac <= 1e-2 and rel <= 2 ** -7, name   # at most one bf16 ulp, rarely
+        # one bf16 ulp, rarely (Triton's approximate exp/rsqrt move a float32 intermediate across a rounding
+        # boundary); RMSNorm rounds twice, as LlamaRMSNorm does (the normed row to bf16, then weight * normed to
+        # bf16), so one ulp in the first rounding can become two in the output (H200: 5e-6 of the values, 1.02e-2)
+        assert frac <= 1e-2 and rel <= (2 ** -6 if name == "rms" else 2 ** -7), name
     assert not K._BROKEN
