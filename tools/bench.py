@@ -115,10 +115,11 @@ def preset_of(method: str) -> dict:
 # for 128 x 2048 calibration tokens, the perplexity target for ~300k tokens at seqlen 2048.
 TARGETS = {
     "llama3-8b": {
-        "quantize_gptq": [("wall_s", 45.0, "s"), ("peak_allocated_gib", 10.0, "GiB")],
+        # issue 15's targets (were 45 s / 7 s / 60 s); the GiB limits are the earlier ones, still met
+        "quantize_gptq": [("wall_s", 20.0, "s"), ("peak_allocated_gib", 10.0, "GiB")],
         "rtn_resident": [("seconds", 1.0, "s")],
-        "ppl": [("seconds", 7.0, "s")],
-        "quantize_awq": [("wall_s", 60.0, "s"), ("peak_allocated_gib", 16.0, "GiB")],
+        "ppl": [("seconds", 6.5, "s")],
+        "quantize_awq": [("wall_s", 150.0, "s"), ("peak_allocated_gib", 16.0, "GiB")],
         "quantize_smoothquant": [("wall_s", 15.0, "s")],
         "quantize_quip": [("wall_s", 73.2, "s")],      # within 2x of GPTQ's 36.6 s (issue 11)
         "quantize_pbllm": [("wall_s", 73.2, "s")],     # PB-LLM 1.7 bit g128, within 2x of GPTQ (issue 10)
@@ -128,7 +129,7 @@ TARGETS = {
         "eval_mmlu": [("seconds", 60.0, "s")],       # 14,042 questions, 5-shot
     },
     "llama3-70b": {
-        "quantize_gptq": [("wall_s", 480.0, "s"), ("peak_allocated_gib", 24.0, "GiB")],
+        "quantize_gptq": [("wall_s", 180.0, "s"), ("peak_allocated_gib", 24.0, "GiB")],  # issue 15 (was 480 s)
     },
 }
 TARGET_CALIBRATION = (128, 2048)
