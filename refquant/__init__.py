@@ -29,6 +29,7 @@ from .spec.formats import (
     AffineWeight, BinaryWeight, CodebookWeight, DualBinaryWeight, MixedWeight, PartialBinaryWeight, QuantizedWeight,
     QuipWeight, StructuredBinaryWeight, WeightFormat,
 )
+from .spec._checks import NotApplicable
 from .spec.gptq import HessianNotPositiveDefinite, gptq
 from .spec.hessian import HessianAccumulator, hessian
 from .spec.icq import ICQWeight, icq
@@ -63,6 +64,7 @@ __all__ = [
     "NF4Weight",
     "ICQWeight",
     "HessianNotPositiveDefinite",
+    "NotApplicable",
     "actquant",
     "awq",
     "aweq",

@@ -291,3 +291,19 @@ def test_citation_file_names_this_version():
     assert cff["cff-version"] == "1.2.0" and cff["version"] == __version__
     assert cff["title"].startswith("refquant") and cff["authors"]
     assert any("2404.14047" in str(r.get("identifiers")) for r in cff["references"])
+
+
+@needs_data
+def test_a_row_that_does_not_fit_the_model_is_not_applicable_not_failed(tmp_path):
+    """SliM-LLM g128 on the tiny model's 256-wide layers (2 groups; its search needs 4): reported as not
+    applicable with the reason, and not counted as a failure (the main job's exit status stays 0)."""
+    recipe = small_recipe()
+    recipe["rows"] = [recipe["rows"][0], {"name": "SliM-LLM-W3-g128", "label": "SliM-LLM", "method": "slim", "w": 3,
+                                          "g": 128, "paper": {"wikitext2": 7.7}}]
+    out = study.study(rc.parse(recipe, "mine.yaml"), _cfg(tmp_path, resume=False), plots=False)
+    assert out["failed"] == []
+    dest = tmp_path / "results" / "tiny-llama3" / "mini"
+    row = json.loads((dest / "rows" / "SliM-LLM-W3-g128.json").read_text())
+    assert row["status"] == "not applicable" and "at least 4 groups" in row["error"]
+    assert "- SliM-LLM-W3-g128: not applicable to this model: SliM-LLM's allocation search needs at least 4 groups" \
+        in (dest / "table.md").read_text()

@@ -10,6 +10,12 @@ from __future__ import annotations
 from array_api_compat import array_namespace
 
 
+class NotApplicable(ValueError):
+    """A method's settings cannot apply to this model's shapes (e.g. SliM-LLM's allocation search on a layer
+    narrower than four groups). Raised by input checks; a study reports such a row as not applicable to the
+    model rather than as a failure."""
+
+
 def check_matrix(W, name: str = "W"):
     """A finite, non-empty 2-D weight matrix of shape (out_features, in_features)."""
     if not hasattr(W, "ndim") or W.ndim != 2:

@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._checks import check_finite, check_matrix, check_square
+from ._checks import NotApplicable, check_finite, check_matrix, check_square
 from .formats import MixedWeight
 from .gptq import HessianNotPositiveDefinite, damped_inverse_factor, not_positive_definite_message, \
     upper_cholesky_of_inverse
@@ -101,7 +101,7 @@ def n_groups_of(columns: int, group_size) -> int:
 def check_allocation_size(n_groups: int, columns: int, group_size: int) -> None:
     """SBA needs at least 4 groups (trials k = 1 .. n_groups // 2 - 1)."""
     if n_groups < 4:
-        raise ValueError(
+        raise NotApplicable(
             f"SliM-LLM's allocation search needs at least 4 groups (trials k = 1 .. n_groups//2 - 1); "
             f"in_features={columns} with group_size={group_size} gives {n_groups}. Use a smaller group_size, "
             "or pass a per-group allocation to slim_llm(group_bits=...) directly."

@@ -85,7 +85,8 @@ def render_table(recipe: rc.Recipe, planned: list, results: list[dict], model: s
             notes.append(f"{row.name}: not run yet")
         elif res.get("status") != "done":
             cells = [cell(None, row.paper.get(m)) if m in row.paper else "" for m in metrics]
-            notes.append(f"{row.name}: failed: {res.get('error')}")
+            why = "not applicable to this model" if res.get("status") == "not applicable" else "failed"
+            notes.append(f"{row.name}: {why}: {res.get('error')}")
         else:
             ours = res.get("metrics", {})
             cells = [cell(ours.get(m), row.paper.get(m)) for m in metrics]

@@ -22,6 +22,7 @@ from pathlib import Path
 from .. import data, pipeline, runs
 from .._version import __version__
 from ..provenance import ROOT, portable_path, provenance, write_json_atomic
+from ..spec._checks import NotApplicable
 from ..spec.progress import progress
 from . import recipe as rc
 
@@ -407,6 +408,10 @@ def run(recipe: rc.Recipe, rows: list[rc.Row], cfg: StudyRun) -> dict:
             row = run_row(recipe, pl, cfg, backend, device, settings, state)
         except (KeyboardInterrupt, SystemExit):
             raise
+        except NotApplicable as e:  # the row's settings do not fit this model's shapes: reported, not a failure
+            row = {"schema": ROW_SCHEMA, "status": "not applicable", "row": pl.row.name, "error": str(e),
+                   "settings": settings, "refquant_version": __version__}
+            print(f"[study {recipe.id}] {pl.row.name}: not applicable to this model -- {e}", flush=True)
         except Exception as e:  # noqa: BLE001 -- a failed row is reported and the study goes on
             log.exception("row %s failed", pl.row.name)
             row = {"schema": ROW_SCHEMA, "status": "failed", "row": pl.row.name, "error": f"{type(e).__name__}: {e}",
