@@ -430,7 +430,12 @@ def train(model, ex: Examples, cfg: FinetuneConfig, out_dir: str | os.PathLike |
                                   "another --out.")
         state, rng = _read_checkpoint(ckpt, model, optimizer, signature)
         log.info("resuming after %d step(s)", state.step)
-    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+    # newer transformers rename gradient_checkpointing_* to activation_checkpointing_* (the old names warn)
+    new_api = hasattr(model, "activation_checkpointing_enable")
+    disable = getattr(model, "activation_checkpointing_disable" if new_api else "gradient_checkpointing_disable", None)
+    if cfg.gradient_checkpointing and new_api:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     devices = [device] if device.type == "cuda" else []
@@ -476,8 +481,8 @@ def train(model, ex: Examples, cfg: FinetuneConfig, out_dir: str | os.PathLike |
             if stopping and not done:
                 break
     model.eval()
-    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
-        model.gradient_checkpointing_disable()
+    if cfg.gradient_checkpointing and disable is not None:
+        disable()
     return state, {"optimizer": opt_name, "seconds": time.perf_counter() - t_start}
 
 

@@ -331,7 +331,7 @@ def test_study_finetune_trains_on_the_rows_base_and_writes_the_merged_weights(ki
     assert info["steps_done"] == 1 and info["config"]["method"] == kind and info["data"]["n_examples"] == 40
     assert math.isfinite(info["loss_first"]) and math.isfinite(info["eval_loss"])
     assert info["evaluated_base"] == "the training base"
-    deltas = [float((loaded.model.get_submodule(n).weight - w).abs().max()) for n, w in before.items()]
+    deltas = [float((loaded.model.get_submodule(n).weight.detach() - w).abs().max()) for n, w in before.items()]
     assert max(deltas) > 0  # one AdamW step moves every B away from zero: W + B A differs from W
     assert max(deltas) < 1e-2  # ... by a small delta (lr 2e-4, one step)
     with pytest.raises(ValueError, match="kind must be one of"):
