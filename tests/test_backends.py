@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from triton_checks import interpreter_run, sm90_ptx
 
 torch = pytest.importorskip("torch")
 
@@ -646,27 +647,14 @@ print(json.dumps(res))
 
 
 def test_triton_kernel_in_interpreter_equals_torch_fallback():
-    pytest.importorskip("triton")
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = interpreter_run(_INTERP_SCRIPT, timeout=300)
     assert out and all(out.values()), out
 
 
 def test_triton_kernel_compiles_for_sm90_with_ieee_arithmetic():
     """Ahead-of-time compile (no GPU needed): the PTX has no FMA contraction, IEEE division, and at the
     default launch config no barriers / shared memory in the column loop (one warp per program)."""
-    triton = pytest.importorskip("triton")
-    if GK.interpreting():
-        pytest.skip("interpreter mode")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError:
-        pytest.skip("this Triton has no ahead-of-time compile API")
+    pytest.importorskip("triton")  # before the kernel objects, which exist only with Triton
     fn = GK._gptq_block_kernel
     ones = {"stride_wc": 1, "stride_uc": 1, "stride_sg": 1, "stride_qc": 1, "stride_ec": 1}  # as launched
 
@@ -681,15 +669,7 @@ def test_triton_kernel_compiles_for_sm90_with_ieee_arithmetic():
         ft = "fp64" if fp64 else "fp32"
         sig = {n: kind(n).replace("fp32", ft) if n != "maxq" else "fp32" for n in fn.arg_names}
         block_r, num_warps = GK.launch_config(rows, block_c)
-        src = ASTSource(fn=fn, signature=sig, constexprs={"BLOCK_R": block_r, "BLOCK_C": block_c, "FP64": fp64, **ones})
-        try:
-            k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                               options={"num_warps": num_warps, "enable_fp_fusion": False})
-        except Exception as e:  # noqa: BLE001 - a toolchain problem, not a kernel bug, is a skip
-            if "ptxas" in str(e).lower() or "not found" in str(e).lower():
-                pytest.skip(f"no CUDA toolchain for ahead-of-time compile: {e}")
-            raise
-        ptx = k.asm["ptx"]
+        ptx = sm90_ptx(fn, sig, {"BLOCK_R": block_r, "BLOCK_C": block_c, "FP64": fp64, **ones}, num_warps)
         assert f"fma.rn.{ft[2:] and 'f' + ft[2:]}" not in ptx and "div.full" not in ptx and "div.approx" not in ptx
         assert f"div.rn.f{ft[2:]}" in ptx and f"mul.rn.f{ft[2:]}" in ptx
         assert "bar.sync" not in ptx and "st.shared" not in ptx, (rows, block_c, block_r, num_warps)

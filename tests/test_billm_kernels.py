@@ -12,16 +12,12 @@
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from strategies import make_hessian, make_weight
+from triton_checks import interpreter_run, sm90_ptx
 
 torch = pytest.importorskip("torch")
 
@@ -31,7 +27,6 @@ from refquant.backends import billm_kernels as BK  # noqa: E402
 from refquant.backends.torch_binarization import _column_errors, _split_errors, residual_batched  # noqa: E402
 from refquant.spec import binarize as B  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
@@ -165,43 +160,21 @@ print(json.dumps(res))
 
 
 def test_search_kernels_in_interpreter_equal_torch_oracle():
-    pytest.importorskip("triton")
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = interpreter_run(_INTERP_SCRIPT, timeout=600)
     assert len(out) == 7 and all(out.values()), out
 
 
 def test_search_kernels_compile_for_sm90_with_ieee_arithmetic():
     """Ahead-of-time compile (no GPU needed): IEEE division, separately rounded products (no FMA), and no
     barriers or shared memory (every program's sums are per thread)."""
-    triton = pytest.importorskip("triton")
-    if BK.interpreting():
-        pytest.skip("interpreter mode")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError:
-        pytest.skip("this Triton has no ahead-of-time compile API")
+    pytest.importorskip("triton")  # before the kernel objects, which exist only with Triton
     types = {"pos_ptr": "*i64", "sal_ptr": "*i8"}
     for fn in (BK._billm_column_kernel, BK._billm_split_kernel):
         for fp64 in (False, True):
             ft = "fp64" if fp64 else "fp32"
             sig = {a: ("constexpr" if a.isupper() or a.startswith(("BLOCK", "NCOLS", "FP64"))
                        else types.get(a, f"*{ft}") if a.endswith("_ptr") else "i32") for a in fn.arg_names}
-            src = ASTSource(fn=fn, signature=sig,
-                            constexprs={"NCOLS": 128, "BLOCK_R": BK.CONFIG["block_r"], "FP64": fp64})
-            try:
-                k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                   options={"num_warps": BK.CONFIG["num_warps"], "enable_fp_fusion": False})
-            except Exception as e:  # noqa: BLE001 - a toolchain problem, not a kernel bug, is a skip
-                if "ptxas" in str(e).lower() or "not found" in str(e).lower():
-                    pytest.skip(f"no CUDA toolchain for ahead-of-time compile: {e}")
-                raise
-            ptx = k.asm["ptx"]
+            ptx = sm90_ptx(fn, sig, {"NCOLS": 128, "BLOCK_R": BK.CONFIG["block_r"], "FP64": fp64}, BK.CONFIG["num_warps"])
             b = ft[2:]
             assert f"fma.rn.f{b}" not in ptx and "div.full" not in ptx and "div.approx" not in ptx, fn.__name__
             assert f"div.rn.f{b}" in ptx and f"mul.rn.f{b}" in ptx, fn.__name__

@@ -8,19 +8,14 @@ contraction off, IEEE division). ``-m gpu``: the same comparison on CUDA, where 
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from triton_checks import interpreter_run, sm90_ptx
 
 torch = pytest.importorskip("torch")
 
 from refquant.backends import eval_kernels as K  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 _INTERP = r"""
 import os, json, torch
@@ -50,18 +45,8 @@ print(json.dumps(res))
 """
 
 
-def _interp(script: str) -> dict:
-    pytest.importorskip("triton")
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 def test_kernels_in_interpreter_equal_torch():
-    out = _interp(_INTERP)
+    out = interpreter_run(_INTERP)
     for name, (max_abs, frac, *rest) in out.items():
         if "bfloat16" in name:
             assert max_abs == 0.0 and frac == 0.0, (name, max_abs, frac)   # bit for bit
@@ -91,7 +76,7 @@ print(json.dumps({"same": out[0] == out[1], "broken": K._BROKEN, "values": out[0
 
 @pytest.mark.slow
 def test_fast_path_with_kernels_in_interpreter_equals_torch_ops_bf16():
-    out = _interp(_INTERP_FORWARD)
+    out = interpreter_run(_INTERP_FORWARD)
     assert out["same"] and not out["broken"], out
 
 
@@ -110,14 +95,7 @@ def test_dispatch_without_triton_device_uses_torch():
 
 def test_kernels_compile_for_sm90_without_fma_and_with_ieee_division():
     """Ahead-of-time compile for an H200 (no GPU needed), bf16 activations as the 8B benchmark runs them."""
-    triton = pytest.importorskip("triton")
-    if K.interpreting():
-        pytest.skip("interpreter mode")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError:
-        pytest.skip("this Triton has no ahead-of-time compile API")
+    pytest.importorskip("triton")  # before the kernel objects, which exist only with Triton
     cases = [
         (K._rms_norm_kernel, {"X": "*bf16", "W": "*bf16", "OUT": "*bf16", "stride_x": "i32", "stride_o": "i32",
                               "n_cols": "i32", "inv_n": "fp32", "eps": "fp32"}, {"BLOCK": 4096}, 8, True),
@@ -126,15 +104,7 @@ def test_kernels_compile_for_sm90_without_fma_and_with_ieee_division():
         (K._silu_mul_kernel, {"G": "*bf16", "U": "*bf16", "OUT": "*bf16", "n": "i32"}, {"BLOCK": 1024}, 4, True),
     ]
     for fn, sig, constexprs, warps, divides in cases:
-        sig = {n: sig.get(n, "constexpr") for n in fn.arg_names}
-        src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-        try:
-            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "enable_fp_fusion": False})
-        except Exception as e:  # noqa: BLE001 - a toolchain problem, not a kernel bug, is a skip
-            if "ptxas" in str(e).lower() or "not found" in str(e).lower():
-                pytest.skip(f"no CUDA toolchain for ahead-of-time compile: {e}")
-            raise
-        ptx = k.asm["ptx"]
+        ptx = sm90_ptx(fn, {n: sig.get(n, "constexpr") for n in fn.arg_names}, constexprs, warps)
         assert "fma.rn.f32" not in ptx, fn.__name__
         if divides:
             assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx, fn.__name__

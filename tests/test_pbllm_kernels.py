@@ -11,15 +11,11 @@
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from strategies import make_hessian, make_weight
+from triton_checks import interpreter_run, sm90_ptx
 
 torch = pytest.importorskip("torch")
 
@@ -29,7 +25,6 @@ from refquant.backends import gptq_kernels as GK  # noqa: E402
 from refquant.backends import pbllm_kernels as PK  # noqa: E402
 from refquant.backends import torch_binarization as TBIN  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
@@ -198,27 +193,14 @@ print(json.dumps(res))
 
 
 def test_triton_kernel_in_interpreter_equals_torch_fallback():
-    pytest.importorskip("triton")
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = interpreter_run(_INTERP_SCRIPT, timeout=300)
     assert len(out) == 6 and all(out.values()), out
 
 
 def test_triton_kernel_compiles_for_sm90_with_ieee_arithmetic():
     """Ahead-of-time compile (no GPU needed): no FMA contraction, IEEE division, and at the default
     launch config no barriers / shared memory (one warp per program), fp32 and fp64 tiles."""
-    triton = pytest.importorskip("triton")
-    if PK.interpreting():
-        pytest.skip("interpreter mode")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError:
-        pytest.skip("this Triton has no ahead-of-time compile API")
+    pytest.importorskip("triton")  # before the kernel objects, which exist only with Triton
     fn = PK._pbllm_block_kernel
     ones = {"stride_wc", "stride_uc", "stride_s", "stride_mg", "stride_bc", "stride_qc", "stride_gc", "stride_ec"}
     special = {"G_ptr": "*i64", "B_ptr": "*u8", "Q_ptr": "*u8", "SG_ptr": "*i8"}
@@ -233,16 +215,7 @@ def test_triton_kernel_compiles_for_sm90_with_ieee_arithmetic():
         sig = {n: "constexpr" if n.startswith("BLOCK") or n in ones or n == "FP64" else kind(n, ft)
                for n in fn.arg_names}
         block_r, num_warps = GK.launch_config(rows, block_c)
-        src = ASTSource(fn=fn, signature=sig, constexprs={"BLOCK_R": block_r, "BLOCK_C": block_c, "FP64": fp64,
-                                                          **{n: 1 for n in ones}})
-        try:
-            k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                               options={"num_warps": num_warps, "enable_fp_fusion": False})
-        except Exception as e:  # noqa: BLE001 - a toolchain problem, not a kernel bug, is a skip
-            if "ptxas" in str(e).lower() or "not found" in str(e).lower():
-                pytest.skip(f"no CUDA toolchain for ahead-of-time compile: {e}")
-            raise
-        ptx = k.asm["ptx"]
+        ptx = sm90_ptx(fn, sig, {"BLOCK_R": block_r, "BLOCK_C": block_c, "FP64": fp64, **{n: 1 for n in ones}}, num_warps)
         f = ft[2:]
         assert f"fma.rn.f{f}" not in ptx and "div.full" not in ptx and "div.approx" not in ptx, (fp64, rows)
         assert f"div.rn.f{f}" in ptx and f"mul.rn.f{f}" in ptx, (fp64, rows)

@@ -3,14 +3,10 @@ torch fallback bit for bit (subprocess, when Triton is installed), the kernel co
 contraction or cross-warp traffic, the fallback is the per-column LDLQ, and the dispatch."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from triton_checks import interpreter_run, sm90_asm
 
 torch = pytest.importorskip("torch")
 
@@ -18,7 +14,6 @@ from refquant.backends import quip_kernels as QK  # noqa: E402
 from refquant.backends.torch_quip import ldlq_batched  # noqa: E402
 from refquant.spec import quip as Q  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def ldl_problem(n, rows, d, maxq, seed, dtype=torch.float64):
@@ -164,13 +159,7 @@ print(json.dumps(res))
 
 
 def test_triton_kernel_in_interpreter_equals_torch_fallback():
-    pytest.importorskip("triton")
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = interpreter_run(_INTERP_SCRIPT, timeout=600)
     assert out and all(out.values()), out
 
 
@@ -178,14 +167,7 @@ def test_triton_kernel_compiles_for_sm90_with_ieee_arithmetic():
     """Ahead-of-time compile (no GPU needed): no FMA contraction (``A + L * err`` rounds the product, as the torch
     fallback's two ops do), no division, and at the default launch configs no shared memory / barrier inside the
     column loop (one warp per program: the column extraction is warp shuffles only)."""
-    triton = pytest.importorskip("triton")
-    if QK.interpreting():
-        pytest.skip("interpreter mode")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError:
-        pytest.skip("this Triton has no ahead-of-time compile API")
+    pytest.importorskip("triton")  # before the kernel objects, which exist only with Triton
     fn = QK._ldlq_block_kernel
     ones = {"stride_ar": 1, "stride_wr": 1, "stride_lj": 1, "stride_qr": 1, "stride_er": 1}  # as launched
 
@@ -201,22 +183,15 @@ def test_triton_kernel_compiles_for_sm90_with_ieee_arithmetic():
         ft = "fp64" if fp64 else "fp32"
         sig = {n: kind(n, ft) for n in fn.arg_names}
         block_r, num_warps = QK.launch_config(rows_total, block_c)
-        src = ASTSource(fn=fn, signature=sig, constexprs={"BLOCK_R": block_r, "BLOCK_C": block_c, **ones})
-        try:
-            k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                               options={"num_warps": num_warps, "enable_fp_fusion": False})
-        except Exception as e:  # noqa: BLE001 - a toolchain problem, not a kernel bug, is a skip
-            if "ptxas" in str(e).lower() or "not found" in str(e).lower():
-                pytest.skip(f"no CUDA toolchain for ahead-of-time compile: {e}")
-            raise
-        ptx = k.asm["ptx"]
+        asm = sm90_asm(fn, sig, {"BLOCK_R": block_r, "BLOCK_C": block_c, **ones}, num_warps)
+        ptx = asm["ptx"]
         f = "f" + ft[2:]
         assert f"fma.rn.{f}" not in ptx and f"mul.rn.{f}" in ptx and f"add.rn.{f}" in ptx, (fp64, block_c)
         assert "div." not in ptx.replace("div.s32", "").replace("div.u32", "")  # no division at all
         # the column loop runs in registers: no layout conversion (shared memory + barrier) inside it; the tile is
         # converted once on the way in and once on the way out (rows are contiguous in memory, the loop works
         # along the columns)
-        ttgir = k.asm["ttgir"]
+        ttgir = asm["ttgir"]
         body = ttgir[ttgir.index("scf.for"):ttgir.index("scf.yield")]
         assert ttgir.count("scf.for") == 1 and "convert_layout" not in body and "local_" not in body, \
             (rows_total, block_c, block_r, num_warps)

@@ -7,14 +7,10 @@ tests/test_slim_kernels.py``; the CUDA twin of the check is in ``tests/test_gpu_
 from __future__ import annotations
 
 import gc
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from triton_checks import interpreter_run, sm90_ptx
 
 torch = pytest.importorskip("torch")
 
@@ -24,7 +20,6 @@ from refquant.backends import slim_kernels as SK  # noqa: E402
 from refquant.backends import torch_slim  # noqa: E402
 from refquant.spec import slim  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rows(seed=0, M=12, R=300, spread=4.0):
@@ -186,40 +181,21 @@ print(json.dumps(res))
 
 
 def test_triton_kernels_in_interpreter_equal_torch_ops():
-    pytest.importorskip("triton")
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = interpreter_run(_INTERP_SCRIPT, timeout=300)
     assert out and all(out.values()), out
 
 
 def test_triton_kernels_compile_for_sm90():
     """Ahead-of-time compile for an H200 (no GPU needed) at the shapes of LLaMA3-8B's linears."""
     triton = pytest.importorskip("triton")
-    if SK.interpreting():
-        pytest.skip("interpreter mode")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError:
-        pytest.skip("this Triton has no ahead-of-time compile API")
     fn = SK._kl_rows_kernel
     for R, write in ((1024, False), (4096, False), (14336, False), (4096, True)):
         block = min(SK.CONFIG["block"], triton.next_power_of_2(R))
         sig = {n: ("*fp32" if n.endswith("_ptr") else "fp32" if n == "log_clamp" else
                    "constexpr" if n in ("BLOCK", "NB", "WRITE_LOGP") else "i32") for n in fn.arg_names}
-        src = ASTSource(fn=fn, signature=sig, constexprs={"BLOCK": block, "NB": triton.cdiv(R, block),
-                                                          "WRITE_LOGP": write})
-        try:
-            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": SK.CONFIG["num_warps"]})
-        except Exception as e:  # noqa: BLE001 - a toolchain problem, not a kernel bug, is a skip
-            if "ptxas" in str(e).lower() or "not found" in str(e).lower():
-                pytest.skip(f"no CUDA toolchain for ahead-of-time compile: {e}")
-            raise
-        assert "ld.global" in k.asm["ptx"]
+        ptx = sm90_ptx(fn, sig, {"BLOCK": block, "NB": triton.cdiv(R, block), "WRITE_LOGP": write}, SK.CONFIG["num_warps"],
+                       enable_fp_fusion=None)
+        assert "ld.global" in ptx
     fn = SK._sqc_kernel
     ones = {"stride_wc": 1, "stride_mc": 1}
 
@@ -231,11 +207,9 @@ def test_triton_kernels_compile_for_sm90():
         return "fp64" if n in ("maxq", "zero_sym", "lam", "norm") else "i32"
 
     for sym in (False, True):
-        src = ASTSource(fn=fn, signature={n: kind(n) for n in fn.arg_names},
-                        constexprs={"NP": 101, "SYM": sym, "BLOCK_R": SK.SQC_CONFIG["block_r"], "BLOCK_C": 128, **ones})
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": SK.SQC_CONFIG["num_warps"], "enable_fp_fusion": False})
-        ptx = k.asm["ptx"]
+        ptx = sm90_ptx(fn, {n: kind(n) for n in fn.arg_names},
+                       {"NP": 101, "SYM": sym, "BLOCK_R": SK.SQC_CONFIG["block_r"], "BLOCK_C": 128, **ones},
+                       SK.SQC_CONFIG["num_warps"])
         # IEEE fp64 division; the 2.4-norm through libdevice's accurate exp2/log2 (their own FMAs are inlined,
         # so the PTX has fma.rn.f64; the kernel's arithmetic itself is compiled without contraction)
         assert "div.rn.f64" in ptx and "__nv_log2" in ptx and "__nv_exp2" in ptx
@@ -245,11 +219,8 @@ def test_triton_kernels_compile_for_sm90():
         ft = "fp64" if fp64 else "fp32"
         sig = {n: ("constexpr" if n.startswith("BLOCK") or n == "FP64" or n in ones else
                    ("*u8" if n == "Q_ptr" else "*" + ft) if n.endswith("_ptr") else "i32") for n in fn.arg_names}
-        src = ASTSource(fn=fn, signature=sig, constexprs={"BLOCK_R": SK.BINARY_CONFIG["block_r"], "BLOCK_C": 128,
-                                                          "FP64": fp64, **ones})
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": SK.BINARY_CONFIG["num_warps"], "enable_fp_fusion": False})
-        ptx = k.asm["ptx"]
+        ptx = sm90_ptx(fn, sig, {"BLOCK_R": SK.BINARY_CONFIG["block_r"], "BLOCK_C": 128, "FP64": fp64, **ones},
+                       SK.BINARY_CONFIG["num_warps"])
         assert f"div.rn.f{ft[2:]}" in ptx and f"fma.rn.f{ft[2:]}" not in ptx and "bar.sync" not in ptx
 
 
