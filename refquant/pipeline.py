@@ -151,7 +151,11 @@ class QuantConfig:
 
 
 class Runner(Protocol):
-    """Adapts a model to the loop. Arrays are the runner's own (NumPy, or torch on a device)."""
+    """Adapts a model to the loop. Arrays are the runner's own (NumPy, or torch on a device).
+
+    ``forward(..., keep_output=False, stop_after=name)`` may end each sequence's pass right after
+    linear ``name``'s input hook (:func:`stopping_hooks`); it returns None then.
+    """
 
     config: llama.LlamaConfig
     ops: object
@@ -159,7 +163,8 @@ class Runner(Protocol):
     def embed(self, ids: np.ndarray): ...
     def load_layer(self, i: int): ...
     def finish_layer(self, i: int, layer) -> None: ...
-    def forward(self, layer, acts, hooks: llama.LinearHooks | None = None, keep_output: bool = True): ...
+    def forward(self, layer, acts, hooks: llama.LinearHooks | None = None, keep_output: bool = True,
+                stop_after: str | None = None): ...
     def block(self, layer, kind: str, x, weights: dict): ...
     def get(self, layer, name: str): ...
     def set(self, layer, name: str, value) -> None: ...
@@ -279,10 +284,12 @@ class LayerContext:
                 t_stats[0] += time.perf_counter() - t
             return self._act_hook(name, x)
 
+        # without outputs the pass ends at the last input it needs (GPTQ's: down_proj's, so its GEMM is skipped)
+        stop = None if keep_output else max(wanted, key=llama.LINEARS.index, default=None)
         with timer.stage("calibration_forward"):
             out = self.runner.forward(self.layer, self.inputs,
                                       llama.LinearHooks(on_input=on_input, on_output=self._out_hook),
-                                      keep_output=keep_output)
+                                      keep_output=keep_output, stop_after=stop)
         timer.add("calibration_forward", -t_stats[0])
         timer.add("statistics", t_stats[0])
         return (stats, out) if keep_output else stats
@@ -315,6 +322,31 @@ def act_quant_hooks(act_quant: dict[str, ActQuant], ops) -> llama.LinearHooks:
 
 # ---------------------------------------------------------------------------------------------
 # Methods
+
+
+class PassDone(Exception):
+    """Raised by :func:`stopping_hooks` to end a statistics pass early (caught by the runner, per batch)."""
+
+
+def stopping_hooks(hooks: llama.LinearHooks | None, stop_after: str | None) -> llama.LinearHooks:
+    """``hooks`` that end the layer's forward right after linear ``stop_after`` has seen its input.
+
+    For statistics passes that keep no output (``Runner.forward(..., keep_output=False)``): what
+    comes after the last input a method needs is never used, so it is not computed. None: unchanged.
+    """
+    hooks = hooks if hooks is not None else llama.NO_HOOKS
+    if stop_after is None:
+        return hooks
+    if stop_after not in llama.LINEARS:
+        raise ValueError(f"stop_after must be one of {llama.LINEARS}; got {stop_after!r}.")
+
+    def on_input(name, x):
+        x = hooks.on_input(name, x) if hooks.on_input is not None else x
+        if name == stop_after:
+            raise PassDone
+        return x
+
+    return llama.LinearHooks(on_input=on_input, on_output=hooks.on_output)
 
 
 class Method:
@@ -566,11 +598,19 @@ class NumpyRunner:
     def finish_layer(self, i, layer):
         self.model.layers[i] = layer
 
-    def forward(self, layer, acts, hooks=None, keep_output: bool = True):
+    def forward(self, layer, acts, hooks=None, keep_output: bool = True, stop_after: str | None = None):
         cos, sin = self.rope(acts.shape[1])
         hooks = hooks or llama.NO_HOOKS
-        outs = [llama.decoder_layer(layer, acts[j:j + 1], self.config, cos, sin, hooks) for j in range(acts.shape[0])]
-        return np.concatenate(outs) if keep_output else None
+        if keep_output:
+            return np.concatenate([llama.decoder_layer(layer, acts[j:j + 1], self.config, cos, sin, hooks)
+                                   for j in range(acts.shape[0])])
+        hooks = stopping_hooks(hooks, stop_after)
+        for j in range(acts.shape[0]):
+            try:
+                llama.decoder_layer(layer, acts[j:j + 1], self.config, cos, sin, hooks)
+            except PassDone:
+                pass
+        return None
 
     def block(self, layer, kind, x, weights):
         """Output of the attention (``kind="attn"``) or MLP (``"mlp"``) of ``layer`` on its input

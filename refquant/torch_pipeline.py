@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import backends
-from .pipeline import CalibrationOverflow, act_quant_hooks
+from .pipeline import CalibrationOverflow, PassDone, act_quant_hooks, stopping_hooks
 from .spec import llama
 from .spec.perplexity import PerplexityResult, perplexity_from_losses
 from .spec.progress import progress
@@ -129,15 +129,22 @@ class HFRunner:
 
     @torch.no_grad()
     def forward(self, layer, acts, hooks: llama.LinearHooks | None = None, index: int | None = None,
-                keep_output: bool = True):
+                keep_output: bool = True, stop_after: str | None = None):
         """Run ``layer`` on all sequences of ``acts``; ``keep_output=False`` (statistics passes) keeps
-        no output buffer. Non-finite outputs raise :class:`CalibrationOverflow` naming the linear."""
+        no output buffer, and with ``stop_after`` each batch ends right after that linear's input hook
+        (:func:`refquant.pipeline.stopping_hooks`). Non-finite outputs raise :class:`CalibrationOverflow`
+        naming the linear."""
         out = torch.empty_like(acts) if keep_output else None
+        if keep_output:
+            stop_after = None
         pe = self.position_embeddings(acts.shape[1])
         finite = torch.ones((), dtype=torch.bool, device=acts.device)
-        with linear_hooks(layer, hooks):
+        with linear_hooks(layer, stopping_hooks(hooks, stop_after) if stop_after else hooks):
             for s in range(0, acts.shape[0], self.batch_size):
-                y = _layer_output(layer(acts[s:s + self.batch_size], attention_mask=None, position_embeddings=pe))
+                try:
+                    y = _layer_output(layer(acts[s:s + self.batch_size], attention_mask=None, position_embeddings=pe))
+                except PassDone:  # the statistics wanted from this batch are in (stop_after)
+                    continue
                 finite &= torch.isfinite(y).all()
                 if keep_output:
                     out[s:s + self.batch_size] = y

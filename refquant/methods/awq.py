@@ -358,5 +358,6 @@ class AWQ(Method):
 
         hooks = llama.LinearHooks(on_input=on_input)
         with ctx.timer.stage("calibration_forward"):
-            ctx.runner.forward(ctx.layer, ctx.inputs, hooks, keep_output=False)  # no output buffer
+            ctx.runner.forward(ctx.layer, ctx.inputs, hooks, keep_output=False,  # no output buffer,
+                               stop_after=max(wanted, key=llama.LINEARS.index, default=None))  # nothing after the last input
         return {g: _cat(parts) for g, parts in kept.items()}
