@@ -38,6 +38,7 @@ from refquant import backends  # noqa: E402
 from refquant.backends import get_backend  # noqa: E402
 from refquant.backends import gptq_kernels as GK  # noqa: E402
 from refquant.backends import torch_backend as TB  # noqa: E402
+from refquant.backends import torch_quant  # noqa: E402
 from refquant.backends.protocols import (  # noqa: E402
     PROTOCOLS, AWQOps, BinarizationOps, DBLLMOps, EqualizationOps, GPTQOps, NormalFloatOps, PipelineOps, QuantOps,
     QuipOps, SliMOps,
@@ -357,6 +358,35 @@ def test_hessian_accumulator_matches_reference():
     np.testing.assert_allclose(np_(small.H), rq.hessian(X.float().numpy().astype(np.float64)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("block", [16, 20, 48])
+def test_hessian_accumulator_lower_triangle_blocks(block):
+    """Accumulating only the blocks on and below the diagonal (then mirroring) gives the full Hessian (within
+    fp32 rounding of the running mean's scaling; the sums of products of integers are exact), exactly
+    symmetric; bf16 inputs (upcast per chunk) go through the same blocks."""
+    rng = np.random.default_rng(11)
+    n = 97  # uneven spans
+    batches = [rng.integers(-8, 9, size=(3, 11, n)), rng.integers(-8, 9, size=(5, n)), rng.integers(-8, 9, size=(2, 4, n))]
+    full, blocked = TB.TorchHessianAccumulator(n), TB.TorchHessianAccumulator(n, triangle_block=block)
+    assert len(blocked.spans) >= 2 and len(full.spans) == 1
+    assert blocked.spans[0][0] == 0 and blocked.spans[-1][1] == n
+    assert all(a1 == b0 for (_, a1), (b0, _) in zip(blocked.spans, blocked.spans[1:]))
+    for X in batches:
+        full.add_batch(torch.from_numpy(X.astype(np.float32)))
+        blocked.add_batch(torch.from_numpy(X.astype(np.float32)))
+    ref = rq.HessianAccumulator(n)
+    for X in batches:
+        ref.add_batch(X.astype(np.float64))
+    assert torch.equal(blocked.H, blocked.H.t())
+    np.testing.assert_allclose(np_(blocked.H), ref.H, rtol=1e-6, atol=1e-6 * np.abs(ref.H).max())
+    np.testing.assert_allclose(np_(full.H), ref.H, rtol=1e-6, atol=1e-6 * np.abs(ref.H).max())
+    bf = TB.TorchHessianAccumulator(n, triangle_block=block)
+    bf.chunk_bytes = 4 * n * 7  # several chunks per block
+    for X in batches:
+        bf.add_batch(torch.from_numpy(X.astype(np.float32)).bfloat16())
+    assert torch.equal(bf.H, bf.H.t())
+    np.testing.assert_allclose(np_(bf.H), ref.H, rtol=1e-6, atol=1e-6 * np.abs(ref.H).max())
+
+
 def test_hessian_accumulator_errors():
     acc = TB_.hessian_accumulator(8)
     with pytest.raises(ValueError, match="features"):
@@ -482,6 +512,20 @@ def test_u_identity_matches_original_route():
         cond = np.linalg.cond(H.astype(np.float64))
         assert err_id <= 2 * err_orig + 10 * EPS32, (err_id, err_orig)
         assert err_id <= 10 * cond * EPS32, (err_id, cond)
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 100])
+def test_u_solved_in_chunks_is_the_same(chunk, monkeypatch):
+    """``U`` is solved in column chunks against the trailing block of L only; any chunk width gives the
+    single-solve result (the skipped rows of L^-1 are exact zeros)."""
+    H = torch.from_numpy(make_H(100, seed=4, rank=120).astype(np.float64))
+    whole = TB.upper_cholesky_of_inverse(H)
+    monkeypatch.setattr(torch_quant, "SOLVE_CHUNK", chunk)
+    U = TB.upper_cholesky_of_inverse(H)
+    assert torch.equal(U, torch.triu(U))
+    np.testing.assert_allclose(U.numpy(), whole.numpy(), rtol=1e-12, atol=1e-12 * float(whole.abs().max()))
+    np.testing.assert_allclose((U.t() @ U).numpy(), np.linalg.inv(H.numpy()), rtol=1e-8,
+                               atol=1e-8 * float(np.abs(np.linalg.inv(H.numpy())).max()))
 
 
 def test_not_positive_definite_and_escalation():
@@ -772,6 +816,12 @@ def test_gpu_hessian_bf16_and_fp32():
         ref.add_batch(Xd[3].float().numpy().astype(np.float64))
         assert acc.H.dtype == torch.float32 and acc.H.is_cuda and acc.nsamples == 4
         np.testing.assert_allclose(np_(acc.H), ref.H, rtol=2e-5, atol=2e-5 * np.abs(ref.H).max(), err_msg=str(dtype))
+        blocked = TB.TorchHessianAccumulator(1024, "cuda", triangle_block=384)  # the lower-triangle path (4096+ by default)
+        blocked.add_batch(Xd[:3].cuda())
+        blocked.add_batch(Xd[3].cuda())
+        assert torch.equal(blocked.H, blocked.H.t())
+        np.testing.assert_allclose(np_(blocked.H), ref.H, rtol=2e-5, atol=2e-5 * np.abs(ref.H).max(),
+                                   err_msg=f"blocked {dtype}")
 
 
 @gpu

@@ -305,11 +305,20 @@ def _out_dtype_works(device, dtype) -> bool:
     return _OUT_DTYPE_OK[key]
 
 
-def _addmm_lowp(H, X, beta: float, alpha: float):
-    """``beta * H + alpha * X^T X`` as a bf16/fp16 GEMM with fp32 output, or None if torch lacks it."""
-    if not _out_dtype_works(X.device, X.dtype):
+def _addmm_lowp(H, Xa, Xb, beta: float, alpha: float):
+    """``beta * H + alpha * Xa^T Xb`` as a bf16/fp16 GEMM with fp32 output, or None if torch lacks it."""
+    if not _out_dtype_works(Xa.device, Xa.dtype):
         return None
-    return torch.addmm(H, X.t(), X, beta=beta, alpha=alpha, out_dtype=torch.float32)
+    return torch.addmm(H, Xa.t(), Xb, beta=beta, alpha=alpha, out_dtype=torch.float32)
+
+
+def triangle_blocks(n: int, block: int) -> list[tuple[int, int]]:
+    """Split ``range(n)`` into ``ceil(n / block)`` near-equal spans (multiples of 128 where possible)."""
+    k = max(1, -(-n // block))
+    step = -(-n // k)
+    if step > 128:
+        step = -(-step // 128) * 128
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
 class TorchHessianAccumulator:
@@ -320,17 +329,40 @@ class TorchHessianAccumulator:
     or (tokens, in_features) (= one sequence), any float dtype, moved to the accumulator's device.
     fp32 inputs: one fp32 GEMM (TF32 off). bf16/fp16 on CUDA: a bf16/fp16 GEMM with fp32 output
     (products exact, fp32 accumulation); otherwise upcast to fp32 per chunk of tokens.
+
+    ``H`` is symmetric, so for ``in_features >= 2 * triangle_block`` only the blocks on and below the
+    diagonal are accumulated (``X_i^T X_j``, ``i >= j``, spans of :func:`triangle_blocks`): 75% of the
+    GEMM work at 4096 columns, 57% at 14336, 54% at 28672. Each entry is the same dot product over the same tokens
+    as in the full GEMM; the upper triangle is mirrored from the lower one when ``H`` is read, so
+    ``H`` is exactly symmetric (the full GEMM's two halves may differ in the last bit).
     """
 
     chunk_bytes = 256 * 2**20  # fp32 bytes per upcast chunk
+    triangle_block = 2048      # span of the blocked (lower-triangle) accumulation, used from 2 spans up
 
-    def __init__(self, in_features: int, device=None):
+    def __init__(self, in_features: int, device=None, triangle_block: int | None = None):
         if int(in_features) < 1:
             raise ValueError(f"in_features must be >= 1; got {in_features}.")
         self.in_features = int(in_features)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.H = torch.zeros((self.in_features, self.in_features), dtype=torch.float32, device=self.device)
+        self._H = torch.zeros((self.in_features, self.in_features), dtype=torch.float32, device=self.device)
         self.nsamples = 0
+        n, b = self.in_features, int(triangle_block or self.triangle_block)
+        self.spans = triangle_blocks(n, b) if n >= 2 * b else [(0, n)]
+        self._mirrored = True
+
+    @property
+    def H(self):
+        """The accumulated Hessian (float32, full and symmetric)."""
+        if not self._mirrored:
+            with torch.no_grad():
+                for i, (a0, a1) in enumerate(self.spans):
+                    for b0, b1 in self.spans[:i]:
+                        self._H[b0:b1, a0:a1].copy_(self._H[a0:a1, b0:b1].t())
+                    D = self._H[a0:a1, a0:a1]  # diagonal block: its upper triangle from its lower one
+                    D.copy_(D.tril() + D.tril(-1).t())
+            self._mirrored = True
+        return self._H
 
     def add_batch(self, X) -> None:
         X = _as_tensor(X, "calibration input X") if not isinstance(X, torch.Tensor) else X.detach()
@@ -344,18 +376,25 @@ class TorchHessianAccumulator:
         self.nsamples += batch
         alpha = 2 / self.nsamples
         with torch.no_grad(), ieee_fp32():
-            if X.dtype == torch.float32:
-                self.H.addmm_(X.t(), X, beta=beta, alpha=alpha)
+            for i, (a0, a1) in enumerate(self.spans):
+                for b0, b1 in self.spans[:i + 1]:
+                    self._update(self._H[a0:a1, b0:b1], X[:, a0:a1], X[:, b0:b1], beta, alpha)
+        self._mirrored = len(self.spans) == 1
+
+    def _update(self, Hb, Xa, Xb, beta: float, alpha: float) -> None:
+        """``Hb <- beta * Hb + alpha * Xa^T Xb`` in place (a block of H, or all of it)."""
+        if Xa.dtype == torch.float32:
+            Hb.addmm_(Xa.t(), Xb, beta=beta, alpha=alpha)
+            return
+        if Xa.device.type == "cuda" and Xa.dtype in (torch.bfloat16, torch.float16):
+            out = _addmm_lowp(Hb, Xa, Xb, beta, alpha)
+            if out is not None:
+                Hb.copy_(out)
                 return
-            if X.device.type == "cuda" and X.dtype in (torch.bfloat16, torch.float16):
-                out = _addmm_lowp(self.H, X, beta, alpha)
-                if out is not None:
-                    self.H = out
-                    return
-            step = max(1, self.chunk_bytes // (4 * self.in_features))
-            for k, start in enumerate(range(0, X.shape[0], step)):
-                c = X[start:start + step].float()
-                self.H.addmm_(c.t(), c, beta=beta if k == 0 else 1.0, alpha=alpha)
+        step = max(1, self.chunk_bytes // (4 * self.in_features))
+        for k, start in enumerate(range(0, Xa.shape[0], step)):
+            ca, cb = Xa[start:start + step].float(), Xb[start:start + step].float()
+            Hb.addmm_(ca.t(), cb, beta=beta if k == 0 else 1.0, alpha=alpha)
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,10 +446,12 @@ def _upper_from_reversed(make_A):
     U = torch.empty((n, n), dtype=L.dtype, device=L.device)
     for j0 in range(0, n, SOLVE_CHUNK):
         j1 = min(j0 + SOLVE_CHUNK, n)
-        rhs = torch.zeros((n, j1 - j0), dtype=L.dtype, device=L.device)
-        rhs[j0:j1].fill_diagonal_(1.0)
-        X = torch.linalg.solve_triangular(L, rhs, upper=False)  # columns j0..j1 of L^-1
-        U[:, n - j1:n - j0] = X.flip(0, 1)                      # U = P L^-1 P
+        # columns j0..j1 of L^-1 are zero above row j0: solve only with the trailing block L[j0:, j0:]
+        # (a third of the full solves' work over all chunks; the zero rows contribute exact zeros)
+        rhs = torch.zeros((n - j0, j1 - j0), dtype=L.dtype, device=L.device)
+        rhs.fill_diagonal_(1.0)
+        X = torch.linalg.solve_triangular(L[j0:, j0:], rhs, upper=False)  # rows j0.., columns j0..j1 of L^-1
+        U[:n - j0, n - j1:n - j0] = X.flip(0, 1)                            # U = P L^-1 P (the rest: triu_ below)
         del rhs, X
     del L
     U.triu_()  # exact zeros below the diagonal (the kernel relies on U[i, :i] == 0)
