@@ -38,6 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
 
 from refquant import pipeline  # noqa: E402
 from refquant.provenance import provenance, write_json_atomic  # noqa: E402
@@ -65,23 +66,34 @@ class AnnotatedTimer(pipeline.StageTimer):
         return both()
 
 
-def _kernels_under(evt):
-    """(name, microseconds) of every device kernel launched inside the profiler event ``evt``."""
-    out, stack = [], [evt]
-    while stack:
-        e = stack.pop()
-        out.extend((k.name, k.duration) for k in getattr(e, "kernels", ()))
-        stack.extend(e.cpu_children)
-    return out
+def _device_events(prof, skip_names=()):
+    """(name, start_us, end_us) of every device-side event (kernels, copies), each once.
+
+    Profiler ranges also appear on the device timeline (``gpu_user_annotation``); ``skip_names``
+    (and names starting with ``stage/``) drop them."""
+    seen = {}
+    for e in prof.events():
+        if getattr(e, "device_type", None) != DeviceType.CUDA:
+            continue
+        if e.name.startswith("stage/") or e.name in skip_names:
+            continue
+        seen[(e.name, e.time_range.start)] = (e.name, e.time_range.start, e.time_range.end)
+    return sorted(seen.values(), key=lambda k: k[1])
 
 
-def _device_total(evt) -> float:
-    """Device microseconds the profiler attributes to ``evt`` and its children (a cross-check of the kernel sums)."""
-    for attr in ("device_time_total", "cuda_time_total"):
-        v = getattr(evt, attr, None)
-        if v is not None:
-            return float(v)
-    return 0.0
+def _host_events(prof):
+    """(name, start_us, end_us, self_cpu_us) of every host-side event (ops, runtime calls, ranges)."""
+    return [(e.name, e.time_range.start, e.time_range.end, e.self_cpu_time_total) for e in prof.events()
+            if getattr(e, "device_type", None) == DeviceType.CPU]
+
+
+def _innermost(ranges, t: float):
+    """The index of the innermost (latest-starting) range ``(name, start, end)`` that contains time ``t``."""
+    best = None
+    for i, (_, a, b) in enumerate(ranges):
+        if a <= t <= b and (best is None or a >= ranges[best][1]):
+            best = i
+    return best
 
 
 def category(kernel: str) -> str:
@@ -102,7 +114,9 @@ def category(kernel: str) -> str:
     return "elementwise/other"
 
 
-def _summary(kernels, wall_s: float | None = None) -> dict:
+def _summary(kernels, wall_s: float | None = None, host=None) -> dict:
+    """Kernel time by category and the top kernels of ``kernels`` [(name, us)]; with ``host``
+    [(name, self_us)] also the top host-side operations (where a GPU-idle stage spends its time)."""
     by_name, by_cat = defaultdict(lambda: [0.0, 0]), defaultdict(float)
     for name, us in kernels:
         by_name[name][0] += us
@@ -116,6 +130,15 @@ def _summary(kernels, wall_s: float | None = None) -> dict:
     if wall_s is not None:
         out["wall_s"] = round(wall_s, 4)
         out["gpu_busy_fraction"] = round(busy / wall_s, 3) if wall_s > 0 else None
+    if host is not None:
+        h = defaultdict(lambda: [0.0, 0])
+        for name, us in host:
+            h[name][0] += us
+            h[name][1] += 1
+        out["top_host_ops"] = [{"name": n[:100], "self_s": round(us / 1e6, 4), "calls": c}
+                               for n, (us, c) in sorted(h.items(), key=lambda kv: -kv[1][0])[:TOP]]
+        out["host_syncs"] = sum(c for n, (_, c) in h.items()
+                                if n in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"))
     return out
 
 
@@ -213,20 +236,27 @@ def profile_method(args, device, method: str) -> dict:
         prof.stop()
         state["wall"] = time.perf_counter() - state["t"]
         state["stages"] = dict(timer.seconds)
-    stages, device_totals = {}, defaultdict(float)
-    for evt in prof.events():
-        if evt.name.startswith("stage/"):
-            name = evt.name[len("stage/"):]
-            stages.setdefault(name, []).extend(_kernels_under(evt))
-            device_totals[name] += _device_total(evt)
-    out = {"method": method, "config": qcfg.to_dict(), "layer": target, "layers_run": args.layers,
+    ranges = [(e[0][len("stage/"):], e[1], e[2]) for e in _host_events(prof) if e[0].startswith("stage/")]
+    kernels, host = defaultdict(list), defaultdict(list)
+    for name, a, b in _device_events(prof):
+        i = _innermost(ranges, a)
+        if i is not None:
+            kernels[ranges[i][0]].append((name, b - a))
+    for name, a, b, self_us in _host_events(prof):
+        if name.startswith("stage/"):
+            continue
+        i = _innermost(ranges, a)
+        if i is not None:
+            host[ranges[i][0]].append((name, self_us))
+    stage_wall = state.get("stages", {})
+    out = {"method": method, "config": qcfg.to_dict(), "layers_run": args.layers,
            "layer_wall_s_profiled": round(state.get("wall", float("nan")), 4),
-           "stage_wall_s_profiled": {k: round(v, 4) for k, v in state.get("stages", {}).items() if v > 0},
-           "stages": {name: dict(_summary(k, state.get("stages", {}).get(name)),
-                                 range_device_time_s=round(device_totals[name] / 1e6, 4))
-                      for name, k in stages.items()}}
-    all_kernels = [k for ks in stages.values() for k in ks]
-    out["layer"] = {"index": target, **_summary(all_kernels, state.get("wall"))}
+           "stage_wall_s_profiled": {k: round(v, 4) for k, v in stage_wall.items() if v > 0},
+           "stages": {name: _summary(kernels[name], stage_wall.get(name), host[name])
+                      for name in sorted({r[0] for r in ranges})},
+           "note": "kernels and host ops are attributed to the innermost stage range they start in; stage wall "
+                   "times are the StageTimer's (statistics time is inside calibration_forward's range)"}
+    out["layer"] = {"index": target, **_summary([k for ks in kernels.values() for k in ks], state.get("wall"))}
     del runner, model, factory
     return out
 
@@ -257,11 +287,10 @@ def profile_ppl(args, device) -> dict:
     perplexity(model, tokens, args.seqlen, device, batch_size=args.ppl_batch_size)
     _sync(device)
     plain = time.perf_counter() - t
-    ranges = [e for e in prof.events() if e.name == "ppl"]
-    kernels = [k for e in ranges for k in _kernels_under(e)]
+    kernels = [(name, b - a) for name, a, b in _device_events(prof, skip_names=("ppl",))]
+    host = [(name, self_us) for name, _, _, self_us in _host_events(prof) if name != "ppl"]
     out = {"windows": args.ppl_windows, "seqlen": args.seqlen, "batch_size": args.ppl_batch_size,
-           "layers": cfg.num_hidden_layers, "wall_s_unprofiled": round(plain, 4), **_summary(kernels, wall),
-           "range_device_time_s": round(sum(_device_total(e) for e in ranges) / 1e6, 4)}
+           "layers": cfg.num_hidden_layers, "wall_s_unprofiled": round(plain, 4), **_summary(kernels, wall, host)}
     del model, factory
     return out
 

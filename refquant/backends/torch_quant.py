@@ -153,9 +153,19 @@ def div_exact(x, c):
     off the IEEE quotient the reference (NumPy) gets. That ulp decides exact rounding ties: the awq
     zero point ``round(-xmin / scale)`` of a symmetrically clipped group is ``round(maxq / 2)`` exactly,
     and a scale one ulp off flips it (measured on the H200: AWQ clip-search errors off by up to 80%,
-    8% of clip choices changed). Dividing by a device tensor takes the true-division path.
+    8% of clip choices changed). Dividing by a device tensor takes the true-division path; the
+    divisor is made once per (value, dtype, device) and reused: building it from a Python number is a
+    host-to-device copy, which synchronizes the stream (GPTQ computes group parameters once per
+    128-column block, so a fresh copy there kept the GPU idle while the host caught up).
     """
-    return x / torch.tensor(c, dtype=x.dtype, device=x.device)
+    key = (float(c), x.dtype, x.device)
+    divisor = _DIVISORS.get(key)
+    if divisor is None:
+        divisor = _DIVISORS[key] = torch.tensor(c, dtype=x.dtype, device=x.device)
+    return x / divisor
+
+
+_DIVISORS: dict = {}
 
 
 def find_params(x, spec: QuantSpec):
