@@ -185,11 +185,17 @@ class ActQuant:
 
 
 class StageTimer:
-    """Wall time per pipeline stage; synchronizes the device (``runner.sync``) at stage edges."""
+    """Wall time per pipeline stage; synchronizes the device (``runner.sync``) at stage edges.
 
-    def __init__(self, sync: Callable[[], None] | None = None):
+    ``event``: a factory of device timing events (``record()``, ``elapsed_time(other)`` in ms, as
+    ``torch.cuda.Event(enable_timing=True)``) for :meth:`part`; None: parts synchronize and read the clock.
+    """
+
+    def __init__(self, sync: Callable[[], None] | None = None, event: Callable[[], object] | None = None):
         self.sync = sync or (lambda: None)
+        self.event = event
         self.seconds: dict[str, float] = {}
+        self._parts: list = []
 
     def add(self, stage: str, seconds: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
@@ -205,8 +211,45 @@ class StageTimer:
             def __exit__(self, *exc):
                 timer.sync()
                 timer.add(name, time.perf_counter() - self.t)
+                timer._settle()
 
         return _Stage()
+
+    def part(self, name: str, within: str):
+        """Time a piece of stage ``within`` (which must enclose it) as stage ``name`` instead.
+
+        With device events the piece is timed on the device, without synchronizing (the Hessian update
+        inside every calibration batch would otherwise stall the queue twice per batch); the seconds move
+        from ``within`` to ``name`` when the enclosing stage ends.
+        """
+        timer = self
+
+        class _Part:
+            def __enter__(self):
+                if timer.event is None:
+                    timer.sync()
+                    self.t = time.perf_counter()
+                else:
+                    self.a = timer.event()
+                    self.a.record()
+
+            def __exit__(self, *exc):
+                if timer.event is None:
+                    timer.sync()
+                    timer._parts.append((name, within, time.perf_counter() - self.t))
+                else:
+                    b = timer.event()
+                    b.record()
+                    timer._parts.append((name, within, (self.a, b)))
+
+        return _Part()
+
+    def _settle(self) -> None:
+        for name, within, t in self._parts:
+            seconds = t if isinstance(t, float) else t[0].elapsed_time(t[1]) / 1e3
+            self.add(name, seconds)
+            self.add(within, -seconds)
+        self._parts.clear()
 
 
 @dataclass
@@ -265,23 +308,19 @@ class LayerContext:
         stats = {group: self.ops.channel_stats(kinds, self.runner.in_features(group)) for group, kinds in requests.items()}
         wanted = {name: group for group, name in first.items()}
         timer = self.timer
-        t_stats = [0.0]
 
         def on_input(name, x):
             if name in wanted:
-                timer.sync()
-                t = time.perf_counter()
-                try:
-                    stats[wanted[name]].add(x)
-                except ValueError as e:
-                    if "non-finite" not in str(e):
-                        raise
-                    raise CalibrationOverflow(
-                        f"non-finite activations at the input of model.layers.{self.index}.{name} ({e}) -- "
-                        "fp16 overflows above 65504: run in bfloat16 or float32, or check the weights."
-                    ) from None
-                timer.sync()
-                t_stats[0] += time.perf_counter() - t
+                with timer.part("statistics", within="calibration_forward"):
+                    try:
+                        stats[wanted[name]].add(x)
+                    except ValueError as e:
+                        if "non-finite" not in str(e):
+                            raise
+                        raise CalibrationOverflow(
+                            f"non-finite activations at the input of model.layers.{self.index}.{name} ({e}) -- "
+                            "fp16 overflows above 65504: run in bfloat16 or float32, or check the weights."
+                        ) from None
             return self._act_hook(name, x)
 
         # without outputs the pass ends at the last input it needs (GPTQ's: down_proj's, so its GEMM is skipped)
@@ -290,8 +329,6 @@ class LayerContext:
             out = self.runner.forward(self.layer, self.inputs,
                                       llama.LinearHooks(on_input=on_input, on_output=self._out_hook),
                                       keep_output=keep_output, stop_after=stop)
-        timer.add("calibration_forward", -t_stats[0])
-        timer.add("statistics", t_stats[0])
         return (stats, out) if keep_output else stats
 
     def hooks(self) -> llama.LinearHooks:
@@ -499,7 +536,7 @@ def quantize_model(runner: Runner, config: QuantConfig, calib_ids: np.ndarray | 
                          f"{getattr(runner.ops, 'name', type(runner.ops).__name__)!r} backend does not implement; "
                          f"use a backend that has {config.method}'s twin (see docs/architecture.md).")
     n_layers = runner.config.num_hidden_layers
-    timer = timer or StageTimer(getattr(runner, "sync", None))
+    timer = timer or StageTimer(getattr(runner, "sync", None), getattr(runner, "timing_event", None))
     t_start = time.perf_counter()
     acts = None
     if method.needs_calibration:

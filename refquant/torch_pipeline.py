@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import backends
+from .backends import eval_kernels
 from .pipeline import CalibrationOverflow, PassDone, act_quant_hooks, stopping_hooks
 from .spec import llama
 from .spec.perplexity import PerplexityResult, perplexity_from_losses
@@ -82,6 +83,17 @@ class HFRunner:
         self._pe = {}
         model.config._attn_implementation = "sdpa"  # the runner's own model object; causal without a mask
 
+    @property
+    def _dims(self) -> tuple:
+        """``(eps, n_heads, n_kv, head_dim)`` of :func:`hooked_layer_forward`."""
+        c = self.config
+        return c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+
+    @property
+    def timing_event(self):
+        """A factory of CUDA timing events (the StageTimer times parts of stages without synchronizing), or None."""
+        return (lambda: torch.cuda.Event(enable_timing=True)) if self.device.type == "cuda" else None
+
     def sync(self) -> None:
         """Wait for the device (stage timings attribute GPU work to the right stage)."""
         if self.device.type == "cuda":
@@ -139,10 +151,16 @@ class HFRunner:
             stop_after = None
         pe = self.position_embeddings(acts.shape[1])
         finite = torch.ones((), dtype=torch.bool, device=acts.device)
-        with linear_hooks(layer, stopping_hooks(hooks, stop_after) if stop_after else hooks):
+        hooks = stopping_hooks(hooks, stop_after) if stop_after else hooks
+        if plain_layer(layer):  # functions with the hooks called directly (fused elementwise kernels on CUDA)
+            run, ctx = (lambda x: hooked_layer_forward(layer, x, *pe, *self._dims, hooks)), contextlib.nullcontext()
+        else:  # wrapped linears (LoRA, NF4): the modules' own forward, hooks on the modules
+            run = lambda x: _layer_output(layer(x, attention_mask=None, position_embeddings=pe))  # noqa: E731
+            ctx = linear_hooks(layer, hooks)
+        with ctx:
             for s in range(0, acts.shape[0], self.batch_size):
                 try:
-                    y = _layer_output(layer(acts[s:s + self.batch_size], attention_mask=None, position_embeddings=pe))
+                    y = run(acts[s:s + self.batch_size])
                 except PassDone:  # the statistics wanted from this batch are in (stop_after)
                     continue
                 finite &= torch.isfinite(y).all()
@@ -178,12 +196,17 @@ class HFRunner:
         with substituted(layer, weights):
             if kind == "attn":
                 pe = self.position_embeddings(x.shape[1])
-                return torch.cat([layer.self_attn(hidden_states=x[s:s + self.batch_size], position_embeddings=pe,
-                                                  attention_mask=None)[0]
-                                  for s in range(0, x.shape[0], self.batch_size)])
-            if kind == "mlp":
-                return torch.cat([layer.mlp(x[s:s + self.batch_size]) for s in range(0, x.shape[0], self.batch_size)])
-            return module(layer, kind)(x)
+                _, n_heads, n_kv, head_dim = self._dims
+                if plain_layer(layer):
+                    run = lambda xb: hooked_attention(layer, xb, *pe, n_heads, n_kv, head_dim, llama.NO_HOOKS)  # noqa: E731
+                else:
+                    run = lambda xb: layer.self_attn(hidden_states=xb, position_embeddings=pe, attention_mask=None)[0]  # noqa: E731
+            elif kind == "mlp":
+                run = (lambda xb: hooked_mlp(layer, xb, llama.NO_HOOKS)) if plain_layer(layer) else layer.mlp
+            else:
+                return module(layer, kind)(x)
+            outs = [run(x[s:s + self.batch_size]) for s in range(0, x.shape[0], self.batch_size)]
+            return outs[0] if len(outs) == 1 else torch.cat(outs)  # one batch: no copy
 
     def get(self, layer, name: str):
         if name.endswith(".bias"):
@@ -263,15 +286,63 @@ def act_quant_applied(model, recipe: dict, ops=None):
         yield
 
 
-def _rms_norm(x, weight, eps):
-    """transformers' LlamaRMSNorm: float32 statistics, result cast back, then the gain."""
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+def plain_layer(layer) -> bool:
+    """Whether :func:`hooked_layer_forward` can run ``layer``: plain ``nn.Linear`` modules (a LoRA
+    wrapper or an NF4 base runs its own forward) with SiLU, and no module hooks of anyone else."""
+    mods = [module(layer, n) for n in llama.LINEARS]
+    if not all(type(m) is torch.nn.Linear for m in mods):
+        return False
+    act = getattr(getattr(layer.mlp, "config", None), "hidden_act", None)
+    if act is None:
+        act = {"SiLU": "silu", "SiLUActivation": "silu"}.get(type(getattr(layer.mlp, "act_fn", None)).__name__)
+    if act != "silu":
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in [layer, layer.self_attn, layer.mlp, *mods])
 
 
-def _rotate(x, cos, sin):
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def _linear(layer, name: str, x, hooks: llama.LinearHooks):
+    """``nn.Linear`` ``name`` of ``layer`` with refquant's hooks around it (as :func:`refquant.llama.linear`)."""
+    if hooks.on_input is not None:
+        x = hooks.on_input(name, x)
+    lin = module(layer, name)
+    y = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    if hooks.on_output is not None:
+        y = hooks.on_output(name, y)
+    return y
+
+
+def hooked_attention(layer, h, cos, sin, n_heads: int, n_kv: int, head_dim: int, hooks: llama.LinearHooks):
+    """transformers' ``LlamaAttention`` with SDPA (causal, no mask, native GQA) on the normed input ``h``."""
+    B, T, _ = h.shape
+    q = eval_kernels.rope(_linear(layer, llama.Q, h, hooks), cos, sin, n_heads, head_dim)
+    k = eval_kernels.rope(_linear(layer, llama.K, h, hooks), cos, sin, n_kv, head_dim)
+    v = _linear(layer, llama.V, h, hooks).view(B, T, n_kv, head_dim).transpose(1, 2)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=head_dim ** -0.5,
+                                                         enable_gqa=n_kv != n_heads)
+    return _linear(layer, llama.O, o.transpose(1, 2).reshape(B, T, n_heads * head_dim), hooks)
+
+
+def hooked_mlp(layer, h, hooks: llama.LinearHooks):
+    """transformers' ``LlamaMLP`` (SiLU) on the normed input ``h``."""
+    return _linear(layer, llama.DOWN, eval_kernels.silu_mul(_linear(layer, llama.GATE, h, hooks),
+                                                            _linear(layer, llama.UP, h, hooks)), hooks)
+
+
+def hooked_layer_forward(layer, x, cos, sin, eps: float, n_heads: int, n_kv: int, head_dim: int,
+                         hooks: llama.LinearHooks | None = None):
+    """One LLaMA decoder layer as functions, refquant's linear hooks called in place of module hooks.
+
+    The arithmetic of transformers' ``LlamaDecoderLayer`` with SDPA, op for op (q, k, v as three GEMMs,
+    as the module does); RMSNorm, RoPE and ``silu(gate) * up`` go through
+    :mod:`refquant.backends.eval_kernels`: on CUDA one fused Triton kernel each instead of ~15
+    elementwise passes (RoPE and SwiGLU bit for bit the torch ops; RMSNorm differs from them in a rare
+    last bf16 bit), elsewhere the same torch ops as the module (bit for bit its output). Used by
+    :meth:`HFRunner.forward` and :meth:`HFRunner.block` for :func:`plain_layer` layers.
+    """
+    hooks = hooks or llama.NO_HOOKS
+    x = x + hooked_attention(layer, eval_kernels.rms_norm(x, layer.input_layernorm.weight, eps), cos, sin,
+                             n_heads, n_kv, head_dim, hooks)
+    return x + hooked_mlp(layer, eval_kernels.rms_norm(x, layer.post_attention_layernorm.weight, eps), hooks)
 
 
 def fused_layer_forward(layer, x, cos, sin, eps: float, n_heads: int, n_kv: int, head_dim: int, W_qkv=None):
@@ -279,23 +350,25 @@ def fused_layer_forward(layer, x, cos, sin, eps: float, n_heads: int, n_kv: int,
 
     The same arithmetic as transformers' ``LlamaDecoderLayer`` with SDPA (causal, native GQA), for
     models without biases or activation quantizers (:func:`window_losses` checks); fewer GEMMs and
-    no per-module overhead make full-model perplexity faster. gate and up stay two GEMMs: their
-    outputs are then contiguous and ``silu(g) * u`` runs vectorized (on the two halves of one fused
-    output it is a strided, non-vectorized kernel: ~0.7 ms per 8192 tokens on an H200).
+    no per-module overhead make full-model perplexity faster. ``cos``/``sin``: (1 or B, T, head_dim).
+    RMSNorm, RoPE and ``silu(gate) * up`` are the evaluator's fused kernels on CUDA
+    (:mod:`refquant.backends.eval_kernels`: one kernel each instead of ~6 elementwise passes, equal to
+    the torch ops up to a rare bf16 ulp; torch ops elsewhere or with ``REFQUANT_EVAL_TRITON=0``).
+    gate and up stay two GEMMs, so their outputs are contiguous.
     """
     attn, mlp = layer.self_attn, layer.mlp
     W_qkv = W_qkv if W_qkv is not None else fuse_layer(layer)
     B, T, _ = x.shape
-    qkv = torch.nn.functional.linear(_rms_norm(x, layer.input_layernorm.weight, eps), W_qkv)
+    qkv = torch.nn.functional.linear(eval_kernels.rms_norm(x, layer.input_layernorm.weight, eps), W_qkv)
     q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
-    q = _rotate(q.view(B, T, n_heads, head_dim).transpose(1, 2), cos, sin)
-    k = _rotate(k.view(B, T, n_kv, head_dim).transpose(1, 2), cos, sin)
+    q = eval_kernels.rope(q, cos, sin, n_heads, head_dim)
+    k = eval_kernels.rope(k, cos, sin, n_kv, head_dim)
     v = v.view(B, T, n_kv, head_dim).transpose(1, 2)
     o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=head_dim ** -0.5,
                                                          enable_gqa=n_kv != n_heads)
     x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, n_heads * head_dim))
-    h = _rms_norm(x, layer.post_attention_layernorm.weight, eps)
-    return x + mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+    h = eval_kernels.rms_norm(x, layer.post_attention_layernorm.weight, eps)
+    return x + mlp.down_proj(eval_kernels.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
 
 
 def fuse_layer(layer):
@@ -375,8 +448,7 @@ def _window_losses_fused(model, tokens, seqlen, device, batch_size, max_windows,
     ids = torch.from_numpy(tokens[: n * seqlen].reshape(n, seqlen))
     runner = HFRunner(model, device=device, batch_size=batch_size, keep_layers=True)
     h = runner.embed(ids.numpy())
-    cos, sin = runner.position_embeddings(seqlen)
-    cos, sin = cos[:, None], sin[:, None]  # (1, 1, T, d): broadcast over batch and heads
+    cos, sin = runner.position_embeddings(seqlen)  # (1, T, d): broadcast over the batch
     for i in progress(range(cfg.num_hidden_layers), desc=f"{desc} layers"):
         layer = runner.load_layer(i)
         fused = fuse_layer(layer)

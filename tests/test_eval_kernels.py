@@ -138,3 +138,27 @@ def test_kernels_on_cuda_match_torch_ops():
         # bf16), so one ulp in the first rounding can become two in the output (H200: 5e-6 of the values, 1.02e-2)
         assert frac <= 1e-2 and rel <= (2 ** -6 if name == "rms" else 2 ** -7), name
     assert not K._BROKEN
+
+
+@pytest.mark.gpu
+def test_fused_perplexity_engine_with_the_kernels_equals_torch_ops_on_cuda(monkeypatch):
+    """refquant.torch_pipeline's fused perplexity engine uses the same kernels: on the tiny model in bf16 its
+    window losses with and without them agree to bf16 noise, and no kernel fell back."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if not K.usable(torch.device("cuda")):
+        pytest.skip(f"Triton unusable on this machine: {K._BROKEN or 'not installed'}")
+    import numpy as np
+
+    from refquant import runs
+    from refquant import torch_pipeline as tp
+
+    tokens = np.random.default_rng(0).integers(0, 1000, size=8 * 512)
+    losses = {}
+    for on in (True, False):
+        monkeypatch.setitem(K.CONFIG, "enabled", on)
+        hf = runs.load(runs.DEFAULT_MODEL, "torch", "cuda", "bfloat16").model
+        losses[on] = np.array(tp.perplexity(hf, tokens, 512, device="cuda", batch_size=4, engine="fused").window_losses)
+    rel = np.abs(losses[True] - losses[False]) / losses[False]
+    print(f"fused perplexity engine, kernels vs torch ops (bf16, 8 windows): max relative loss difference {rel.max():.2e}")
+    assert rel.max() <= 2e-3 and not K._BROKEN

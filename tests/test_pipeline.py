@@ -296,3 +296,34 @@ def test_main_job_equalization_suite_rows(tmp_path):
     table = (dest / "table.md").read_text()
     assert "| SmoothQuant | 8 | 8 | - |" in table and "|  | 4 | 4 | - |" in table
     assert "| AWEQ +BC | 3 | 16 | - |" in table and "| AWEQ (AWE+BC) | 8 | 8 | - |" in table and "| AWQ | 3 | 16 | 128 |" in table
+
+
+def test_stage_timer_parts_move_time_without_synchronizing():
+    """``StageTimer.part`` with device events: no sync inside the stage; the part's device time moves
+    from the enclosing stage to its own when that stage ends. Without events it syncs and reads the clock."""
+
+    class FakeEvent:  # each record() is one "device second" later
+        clock = 0.0
+
+        def record(self):
+            FakeEvent.clock += 1.0
+            self.at = FakeEvent.clock
+
+        def elapsed_time(self, other):
+            return (other.at - self.at) * 1e3
+
+    syncs = []
+    timer = pipeline.StageTimer(sync=lambda: syncs.append(1), event=FakeEvent)
+    with timer.stage("calibration_forward"):
+        before = len(syncs)
+        for _ in range(3):
+            with timer.part("statistics", within="calibration_forward"):
+                pass
+        assert len(syncs) == before and "statistics" not in timer.seconds  # settled at the stage's end
+    assert timer.seconds["statistics"] == 3.0
+    assert timer.seconds["calibration_forward"] == pytest.approx(-3.0, abs=0.5)  # fake device time > wall here
+    plain = pipeline.StageTimer()
+    with plain.stage("calibration_forward"):
+        with plain.part("statistics", within="calibration_forward"):
+            pass
+    assert plain.seconds["statistics"] >= 0 and plain.seconds["calibration_forward"] >= 0

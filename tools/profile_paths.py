@@ -208,7 +208,7 @@ def profile_method(args, device, method: str) -> dict:
     qcfg = pipeline.QuantConfig.of(method, **bench.preset_of(method))
     runner = HFRunner(model, device=device, act_dtype=torch.bfloat16, batch_size=args.batch_size,
                       layer_source=factory, keep_layers=False)
-    timer = AnnotatedTimer(runner.sync)
+    timer = AnnotatedTimer(runner.sync, runner.timing_event)
     prof = _profiler(device)
     state = {"on": False, "t": 0.0, "marks": {}}
     target = args.profile_layer
