@@ -41,6 +41,8 @@ for dt in (torch.float32, torch.bfloat16):
     uu = torch.randn(3, 700, generator=g).to(dt)
     a, b = K.silu_mul_triton(gg, uu), K.silu_mul_torch(gg, uu)
     res[f"silu {dt}"] = [(a.float() - b.float()).abs().max().item(), (a != b).float().mean().item()]
+    ea, eb = K.sq_err_sum_triton(gg, uu), K.sq_err_sum_torch(gg, uu)  # 2100 elements: a partial block
+    res[f"sq_err {dt}"] = [abs(ea.item() - eb.item()) / eb.item() * 1e-9, 0.0, ea.dtype == torch.float64]
 print(json.dumps(res))
 """
 
@@ -48,7 +50,9 @@ print(json.dumps(res))
 def test_kernels_in_interpreter_equal_torch():
     out = interpreter_run(_INTERP)
     for name, (max_abs, frac, *rest) in out.items():
-        if "bfloat16" in name:
+        if name.startswith("sq_err"):  # the relative difference (x 1e-9): float64 sums in another order
+            assert max_abs <= 1e-9 * 1e-12, (name, max_abs)
+        elif "bfloat16" in name:
             assert max_abs == 0.0 and frac == 0.0, (name, max_abs, frac)   # bit for bit
         else:
             assert max_abs <= 2e-6, (name, max_abs)                         # float32 exp/rsqrt rounding
@@ -91,6 +95,9 @@ def test_dispatch_without_triton_device_uses_torch():
     a, b = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
     assert torch.equal(K.silu_mul(a, b), torch.nn.functional.silu(a) * b)
     assert K.rope_supported(128) and K.rope_supported(32) and not K.rope_supported(96) and not K.rope_supported(7)
+    assert torch.equal(K.sq_err_sum(a, b), ((a - b) * (a - b)).sum(dtype=torch.float64))
+    with pytest.raises(ValueError, match="shapes differ"):
+        K.sq_err_sum(a, b[:2])
 
 
 def test_kernels_compile_for_sm90_without_fma_and_with_ieee_division():
@@ -102,6 +109,7 @@ def test_kernels_compile_for_sm90_without_fma_and_with_ieee_division():
         (K._rope_kernel, {"X": "*bf16", "COS": "*bf16", "SIN": "*bf16", "OUT": "*bf16", "stride_x": "i32",
                           "stride_c": "i32", "n_heads": "i32"}, {"HALF": 64, "BLOCK_H": 32}, 8, False),
         (K._silu_mul_kernel, {"G": "*bf16", "U": "*bf16", "OUT": "*bf16", "n": "i32"}, {"BLOCK": 1024}, 4, True),
+        (K._sq_err_kernel, {"A": "*bf16", "B": "*bf16", "OUT": "*fp64", "n": "i32"}, {"BLOCK": 4096}, 8, False),
     ]
     for fn, sig, constexprs, warps, divides in cases:
         ptx = sm90_ptx(fn, {n: sig.get(n, "constexpr") for n in fn.arg_names}, constexprs, warps)
@@ -129,6 +137,9 @@ def test_kernels_on_cuda_match_torch_ops():
     pairs = {"rms": (K.rms_norm_triton(x, w, 1e-5), K.rms_norm_torch(x, w, 1e-5)),
              "rope": (K.rope_triton(xl, cos, sin, 32, 128), K.rope_torch(xl, cos, sin, 32, 128)),
              "silu": (K.silu_mul_triton(gg, uu), K.silu_mul_torch(gg, uu))}
+    e_fused, e_torch = K.sq_err_sum_triton(gg, uu), K.sq_err_sum_torch(gg, uu)
+    print(f"sq_err_sum: relative difference {abs(e_fused.item() / e_torch.item() - 1):.2e}")
+    assert abs(e_fused.item() / e_torch.item() - 1) <= 1e-12  # the same fp32 squares, summed in float64
     for name, (a, b) in pairs.items():
         frac = (a != b).float().mean().item()
         rel = ((a.float() - b.float()).abs() / b.float().abs().clamp_min(1e-30)).max().item()

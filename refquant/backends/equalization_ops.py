@@ -125,6 +125,7 @@ except ImportError:  # the numpy backend works without torch
     torch = None
 
 if torch is not None:
+    from . import eval_kernels
     from . import torch_quant as _tq
 
     def _t(x, device=None, dtype=None):
@@ -410,9 +411,7 @@ if torch is not None:
                         if tuple(out.shape) != tuple(o.shape):
                             raise ValueError(f"block returned shape {tuple(out.shape)} for the quantized weights but "
                                              f"{tuple(o.shape)} for the originals.")
-                        wd = torch.float64 if o.dtype == torch.float64 else torch.float32
-                        d = o.to(wd) - out.to(wd)
-                        acc += (d * d).sum(dtype=torch.float64)
+                        acc += eval_kernels.sq_err_sum(o, out)
                     acc = float(acc)
                     if not np.isfinite(acc):
                         raise ValueError("block output with a candidate scale is not finite (NaN or Inf); check block and "

@@ -6,7 +6,8 @@ trip through memory (in bf16 on an H200 ~30 % of the evaluation's GPU time, the 
 * RMSNorm: cast to float32, square, mean, add eps, rsqrt, multiply, cast back, multiply by the gain
   (``LlamaRMSNorm``: ~150 kB of traffic per token at hidden size 4096);
 * RoPE: ``x * cos + cat(-x2, x1) * sin`` on q and k (negate, concatenate, two products, a sum);
-* the MLP's ``silu(gate) * up`` (two kernels).
+* the MLP's ``silu(gate) * up`` (two kernels);
+* AWQ's block-output error ``sum((a - b)^2)`` (upcasts, difference, square, sum: five passes).
 
 Each is one kernel here, a program per token row, with the same arithmetic in the same order:
 every intermediate that torch rounds to the activation dtype (bf16/fp16) is rounded here too
@@ -80,6 +81,14 @@ def silu_mul_torch(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(g) * u
 
 
+def sq_err_sum_torch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum((a - b)^2)`` as a float64 scalar tensor: the difference and its square in float32 (float64
+    when ``a`` is float64), summed in float64 -- AWQ's block-output error of one candidate."""
+    wd = torch.float64 if a.dtype == torch.float64 else torch.float32
+    d = a.to(wd) - b.to(wd)
+    return (d * d).sum(dtype=torch.float64)
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 
@@ -146,6 +155,15 @@ if HAVE_TRITON:
         tl.store(OUT + offs, _rnd(s * u, OUT.dtype.element_ty).to(OUT.dtype.element_ty), mask=m)
 
 
+    @triton.jit
+    def _sq_err_kernel(A, B, OUT, n, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        d = tl.load(A + offs, mask=m, other=0.0).to(tl.float32) - tl.load(B + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(OUT + pid, tl.sum((d * d).to(tl.float64), axis=0))                 # d*d rounded to fp32, as torch
+
+
 def _num_warps(block: int) -> int:
     return max(1, min(8, block // 256))
 
@@ -188,6 +206,15 @@ def silu_mul_triton(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def sq_err_sum_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.contiguous().view(-1), b.contiguous().view(-1)
+    block = 4096
+    parts = torch.empty(triton.cdiv(a.numel(), block), dtype=torch.float64, device=a.device)
+    if a.numel():
+        _sq_err_kernel[(parts.numel(),)](a, b, parts, a.numel(), BLOCK=block, num_warps=8, enable_fp_fusion=False)
+    return parts.sum()
+
+
 # ---------------------------------------------------------------------------------------------
 # dispatch: the kernel where usable, else (or after a failure, logged once) the torch ops
 
@@ -224,5 +251,20 @@ def silu_mul(g, u):
     return silu_mul_torch(g, u)
 
 
-__all__ = ["CONFIG", "usable", "rms_norm", "rope", "silu_mul", "rms_norm_torch", "rope_torch", "silu_mul_torch",
-           "rms_norm_triton", "rope_triton", "silu_mul_triton", "interpreting"]
+def sq_err_sum(a, b):
+    """``sum((a - b)^2)`` (float64 scalar tensor): one pass over two bf16/fp16 tensors on CUDA instead of
+    five (two upcasts, the difference, the square, the sum); the same float32 difference and square,
+    the float64 sum in another order (a last-bit difference)."""
+    if a.shape != b.shape:
+        raise ValueError(f"sq_err_sum: shapes differ, {tuple(a.shape)} and {tuple(b.shape)}.")
+    if usable(a.device) and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        try:
+            return sq_err_sum_triton(a, b)
+        except Exception as e:
+            _failed("squared-error sum", e)
+    return sq_err_sum_torch(a, b)
+
+
+__all__ = ["CONFIG", "usable", "rms_norm", "rope", "silu_mul", "sq_err_sum", "rms_norm_torch", "rope_torch",
+           "silu_mul_torch", "sq_err_sum_torch", "rms_norm_triton", "rope_triton", "silu_mul_triton",
+           "sq_err_sum_triton", "interpreting"]
