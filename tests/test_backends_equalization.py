@@ -240,6 +240,28 @@ def test_stored_golden_cases_pass_on_torch_cpu():
     assert reports and not bad, bad
 
 
+@pytest.mark.parametrize("n, block", [(40, 16), (97, 20), (130, 64), (30, 16)])
+def test_awq_quadratic_form_from_the_lower_blocks(n, block):
+    """AWQ's linear-group loss ``tr(D S D^T)`` from the blocks of S on and below the diagonal equals the
+    full product to float64 rounding (uneven spans; one span when n < 2 * block)."""
+    from refquant.backends import equalization_ops
+
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(3 * n, n, generator=g, dtype=torch.float64)
+    S = X.t() @ X
+    D = torch.randn(12, n, generator=g, dtype=torch.float64)
+    full = float(((D @ S) * D).sum())
+    got = float(equalization_ops._quadratic_form(D, S, block=block))
+    assert abs(got - full) <= 1e-12 * abs(full)
+    if n >= 2 * block:  # blocked: the blocks above the diagonal are never read
+        spans = equalization_ops._tq.triangle_blocks(n, block)
+        S_poisoned = S.clone()
+        for i, (a0, a1) in enumerate(spans):
+            S_poisoned[a0:a1, a1:] = float("nan")
+        got = float(equalization_ops._quadratic_form(D, S_poisoned, block=block))
+        assert abs(got - full) <= 1e-12 * abs(full)
+
+
 def test_input_errors_are_clear():
     X, Ws = problem()
     Wt = [t(W) for W in Ws]

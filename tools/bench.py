@@ -277,11 +277,12 @@ def memory_estimate(cfg, nsamples: int, seqlen: int, batch_size: int, embed_on_d
 
     Components: the resident embedding; the calibration activations (the layer's inputs, and the
     output buffer ``HFRunner.forward`` allocates); one decoder layer in bf16; the four fp32
-    Hessians (attn_in, o_in, mlp_in, down_in), all alive until the layer is quantized; one extra
-    Hessian while ``addmm(out_dtype=fp32)`` returns a new one; the forward's temporaries for one
+    Hessians (attn_in, o_in, mlp_in, down_in), all alive until the layer is quantized; one
+    Hessian block (at most 4096^2) while ``addmm(out_dtype=fp32)`` returns its update; the forward's temporaries for one
     batch (MLP: gate, up, act, product); the ``isfinite`` mask of the forward's output (one byte per
     activation, after the batches); the GPTQ workspace of the largest group (fp32 weights, H
-    copy, flipped/fp64 Cholesky input and factor for n <= 16384, fp32 above, U); the codes of every
+    copy, flipped/fp64 Cholesky input and factor for n <= 16384, fp32 above, U, and the copy of L's
+    trailing block that ``torch.linalg.solve_triangular`` takes of a strided view); the codes of every
     finished layer when they stay on the device. Peak = the larger of the calibration phase
     (two activation buffers) and the GPTQ phase (one buffer). An estimate: allocator rounding and
     fragmentation come on top.
@@ -291,14 +292,16 @@ def memory_estimate(cfg, nsamples: int, seqlen: int, batch_size: int, embed_on_d
     layer = layer_params(cfg) * 2
     cols = {"attn_in": d["H"], "o_in": d["q"], "mlp_in": d["H"], "down_in": d["I"]}
     hessians = sum(4 * n * n for n in cols.values())
-    hessian_update = 4 * max(cols.values()) ** 2
+    span = 4096  # backends.torch_quant.TorchHessianAccumulator.triangle_block: updates are per block
+    hessian_update = 4 * min(span, max(cols.values())) ** 2
     forward_tmp = 4 * batch_size * seqlen * d["I"] * 2
     rows = {"attn_in": d["q"] + 2 * d["kv"], "o_in": d["H"], "mlp_in": 2 * d["I"], "down_in": d["H"]}
 
     def workspace(group):
         n, r = cols[group], rows[group]
         e = 8 if n <= 16384 else 4  # GPTQ's working precision (backends.torch_backend.work_dtype)
-        factor = 2 * e * n * n  # the damped reversed copy + L, then L + U
+        # the damped reversed copy + L, then L + U + the copy solve_triangular makes of L's trailing block
+        factor = max(2 * e * n * n, 2 * e * n * n + e * max(0, n - 2048) ** 2)
         return e * r * n + max(factor, e * n * n + e * r * n + r * n)
 
     gptq_ws = max(workspace(g) for g in cols)

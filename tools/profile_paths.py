@@ -166,6 +166,7 @@ def gemm_rates(device, cfg, tokens: int = 16384, repeats: int = 10) -> dict:
         "Hessian X^T X, H wide (fp32 out)": (H, tokens, H, True),
         "Hessian X^T X, I wide (fp32 out)": (I, tokens, I, True),
         "Hessian block 2048 (fp32 out)": (2048, tokens, 2048, True),
+        "Hessian block 3584 (fp32 out)": (3584, tokens, 3584, True),
         "ppl gate or up (8192 tokens)": (8192, H, I, False),
         "lm_head chunk (512 x vocab)": (512, H, cfg.vocab_size, False),
     }
