@@ -476,7 +476,7 @@ def _upper_from_reversed(make_A):
 class _Prepared:
     """What GPTQ derives from H alone (shared by every matrix quantized with it)."""
 
-    U: torch.Tensor            # (cols, cols) fp32, upper, processing order
+    U: torch.Tensor            # (cols, cols) in work_dtype(cols), upper, processing order
     perm: torch.Tensor | None  # processing order -> original column (None: identity)
     dead: torch.Tensor         # (cols,) bool, original order
     any_dead: bool
