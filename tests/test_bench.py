@@ -199,3 +199,26 @@ def test_a_failed_setup_is_recorded_in_the_json(tmp_path, monkeypatch):
         bench.run(TINY + ["--out", str(out)])
     doc = json.loads(out.read_text())
     assert doc["status"].startswith("failed: RuntimeError") and "no skeleton today" in doc["traceback"]
+
+
+def test_profile_paths_smoke_run_on_the_tiny_shape(tmp_path):
+    """tools/profile_paths.py (issue 15's breakdowns) runs end to end on the CPU: per-stage records for a
+    quantization layer (the StageTimer's stages, wall times positive) and the perplexity record."""
+    from tools import profile_paths
+
+    out = tmp_path / "prof.json"
+    assert profile_paths.main(["--shape", "tiny-test", "--device", "cpu", "--paths", "gemm,gptq,ppl",
+                               "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    res = doc["results"]
+    assert res["gemm"] == {"skipped": "CUDA only", "tool_s": res["gemm"]["tool_s"]}
+    g = res["gptq"]
+    assert g["layers_run"] == 2 and g["layer"]["index"] == 1
+    assert {"calibration_forward", "quantize", "propagate"} <= set(g["stages"])
+    assert all(v > 0 for k, v in g["stage_wall_s_profiled"].items() if k in ("calibration_forward", "quantize"))
+    assert "statistics" in g["stage_wall_s_profiled"]
+    assert res["ppl"]["windows"] == 3 and res["ppl"]["wall_s_unprofiled"] > 0
+    assert profile_paths.category("nvjet_sm90_tst_192x192") == "gemm"
+    assert profile_paths.category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
+    assert profile_paths.category("void kernel_trsm_l_mul32<double>") == "solver"
+    assert profile_paths.category("_gptq_block_kernel") == "triton"
