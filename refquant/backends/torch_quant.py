@@ -294,26 +294,50 @@ def _quantize_by_groups(W, S, Z, group_size: int | None, maxq: int):
 # Hessian
 # --------------------------------------------------------------------------------------------
 
-_OUT_DTYPE_OK: dict = {}
+_PROBES: dict = {}
+
+
+def _probe_once(name: str, device, dtype, probe) -> bool:
+    """Once per (name, device, dtype): does ``probe()`` succeed and return True? (torch builds differ in
+    which GEMM forms exist; a probe that raises counts as no.)"""
+    key = (name, str(device), dtype)
+    if key not in _PROBES:
+        try:
+            _PROBES[key] = bool(probe())
+        except (TypeError, RuntimeError, NotImplementedError):
+            _PROBES[key] = False
+    return _PROBES[key]
 
 
 def _out_dtype_works(device, dtype) -> bool:
-    """Once per (device, dtype): does ``torch.addmm(..., out_dtype=float32)`` exist and agree with upcasting?"""
-    key = (str(device), dtype)
-    if key not in _OUT_DTYPE_OK:
-        ok = False
-        try:
-            gen = torch.Generator(device="cpu").manual_seed(1234)  # private: the global RNG is untouched
-            X = torch.randn(96, 40, generator=gen).to(device=device, dtype=dtype)
-            H0 = torch.randn(40, 40, generator=gen).to(device)
-            got = torch.addmm(H0, X.t(), X, beta=0.5, alpha=0.25, out_dtype=torch.float32)
-            Xf = X.float()
-            want = torch.addmm(H0, Xf.t(), Xf, beta=0.5, alpha=0.25)
-            ok = got.dtype == torch.float32 and bool(torch.allclose(got, want, rtol=1e-5, atol=1e-4))
-        except (TypeError, RuntimeError, NotImplementedError):
-            ok = False
-        _OUT_DTYPE_OK[key] = ok
-    return _OUT_DTYPE_OK[key]
+    """Does ``torch.addmm(..., out_dtype=float32)`` exist and agree with upcasting?"""
+
+    def probe():
+        gen = torch.Generator(device="cpu").manual_seed(1234)  # private: the global RNG is untouched
+        X = torch.randn(96, 40, generator=gen).to(device=device, dtype=dtype)
+        H0 = torch.randn(40, 40, generator=gen).to(device)
+        got = torch.addmm(H0, X.t(), X, beta=0.5, alpha=0.25, out_dtype=torch.float32)
+        Xf = X.float()
+        want = torch.addmm(H0, Xf.t(), Xf, beta=0.5, alpha=0.25)
+        return got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-5, atol=1e-4)
+
+    return _probe_once("addmm out_dtype", device, dtype, probe)
+
+
+def _inplace_out_dtype_works(device, dtype) -> bool:
+    """Does ``torch.addmm(C, A, B, out_dtype=float32, out=C)`` update a contiguous C in place correctly?"""
+
+    def probe():
+        gen = torch.Generator(device="cpu").manual_seed(4321)  # private: the global RNG is untouched
+        A = torch.randn(96, 40, generator=gen).to(device=device, dtype=dtype)
+        B = torch.randn(24, 40, generator=gen).to(device=device, dtype=dtype)
+        C = torch.randn(96, 24, generator=gen).to(device)
+        want = torch.addmm(C, A, B.t(), alpha=-1.0, out_dtype=torch.float32)
+        got = C.clone()
+        r = torch.addmm(got, A, B.t(), alpha=-1.0, out_dtype=torch.float32, out=got)
+        return r.data_ptr() == got.data_ptr() and torch.allclose(got, want, rtol=1e-5, atol=1e-4)
+
+    return _probe_once("addmm out_dtype in place", device, dtype, probe)
 
 
 def _addmm_lowp(H, Xa, Xb, beta: float, alpha: float):

@@ -42,8 +42,8 @@ from ..spec.slim import (NORM, PERCDAMP, SALIENCE_DAMP, Z_THRESHOLD, SliMSearch,
                          check_allocation_size, check_slim_args, check_target_bits, n_groups_of, range_factors,
                          salience_order)
 from . import gptq_kernels, slim_kernels
-from .torch_quant import (_as_tensor, _out_dtype_works, _prepare, div_exact, group_params, ieee_fp32,
-                          upper_cholesky_of_inverse, work_dtype)
+from .torch_quant import (_as_tensor, _inplace_out_dtype_works, _out_dtype_works, _prepare, div_exact, group_params,
+                          ieee_fp32, upper_cholesky_of_inverse, work_dtype)
 
 __all__ = ["TorchSliMOps"]
 
@@ -87,29 +87,6 @@ def _rtn_groups(Wf, b: int, gs: int):
     g = torch.arange(cols, device=Wf.device) // gs
     S, Z = S[:, g].to(Wf.dtype), Z[:, g].to(Wf.dtype)
     return S * (torch.clamp(torch.round(Wf / S) + Z, 0, spec.maxq) - Z)
-
-
-_INPLACE_OK: dict = {}
-
-
-def _inplace_out_dtype_works(device, dtype) -> bool:
-    """Once per (device, dtype): does ``torch.addmm(C, A, B, out_dtype=float32, out=C)`` update C in place correctly?"""
-    key = (str(device), dtype)
-    if key not in _INPLACE_OK:
-        ok = False
-        try:
-            gen = torch.Generator(device="cpu").manual_seed(4321)  # private: the global RNG is untouched
-            A = torch.randn(96, 40, generator=gen).to(device=device, dtype=dtype)
-            B = torch.randn(24, 40, generator=gen).to(device=device, dtype=dtype)
-            C = torch.randn(96, 24, generator=gen).to(device)
-            want = torch.addmm(C, A, B.t(), alpha=-1.0, out_dtype=torch.float32)
-            got = C.clone()
-            r = torch.addmm(got, A, B.t(), alpha=-1.0, out_dtype=torch.float32, out=got)
-            ok = r.data_ptr() == got.data_ptr() and bool(torch.allclose(got, want, rtol=1e-5, atol=1e-4))
-        except (TypeError, RuntimeError, NotImplementedError):
-            ok = False
-        _INPLACE_OK[key] = ok
-    return _INPLACE_OK[key]
 
 
 class _MM:
