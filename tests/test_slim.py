@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import refquant as rq
@@ -96,6 +96,7 @@ def _gb(first: int, bits: int, n: int = 8) -> np.ndarray:
 
 @FAST
 @given(seed=st.integers(0, 10_000), bits=st.sampled_from([3, 4]))
+@example(seed=3699, bits=3)  # the asymmetric quantizer lands on the midpoint zero and the same scale in every row
 def test_sym_quirk_gives_the_midpoint_zero_before_the_first_full_width_group(seed, bits):
     W, H, _ = _case(seed)
     gb = _gb(bits - 1, bits)
@@ -103,7 +104,10 @@ def test_sym_quirk_gives_the_midpoint_zero_before_the_first_full_width_group(see
     plain = rq.slim_llm(W, H, bits=bits, group_bits=gb, group_size=8, sym_quirk=False)
     maxq = 2 ** (bits - 1) - 1
     assert np.all(quirk.zero[:, 0] == (maxq + 1) / 2)
-    assert not np.array_equal(quirk.codes, plain.codes)
+    if np.array_equal(quirk.zero[:, 0], plain.zero[:, 0]) and np.array_equal(quirk.scale[:, 0], plain.scale[:, 0]):
+        assert np.array_equal(quirk.codes, plain.codes)  # the same first-group quantizer: nothing else differs
+    else:
+        assert not np.array_equal(quirk.dequantize(), plain.dequantize())
     # the first group at `bits` switches the quantizer to asymmetric for good: the same grid rules after it
     assert np.array_equal(quirk.zero[:, 1:] == np.round(quirk.zero[:, 1:]), np.ones_like(quirk.zero[:, 1:], bool))
     # a layer that starts at full width never sees the quirk
